@@ -1,0 +1,53 @@
+"""The Celery application, built the way the Celery guide builds it, from hookgate's settings."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from consumers.topology import task_queue, tasks_exchange
+from schemas import topology
+from schemas.settings import Settings
+
+__all__ = ["celery_app", "make_celery"]
+
+TASK_MODULES = ["consumers.tasks.webhooks"]
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery(
+        "hookgate",
+        broker=settings.broker_url,
+        backend=settings.celery_result_backend,
+        include=TASK_MODULES,
+    )
+    app.conf.update(
+        task_queues=[task_queue(q) for q in topology.BUILTIN_TASK_QUEUES],
+        task_default_exchange=tasks_exchange.name,
+        task_default_exchange_type="topic",
+        task_default_queue=topology.WEBHOOKS_QUEUE,
+        task_default_queue_type="quorum",
+        task_routes={"tasks.deliver_webhook": {"queue": topology.WEBHOOKS_QUEUE,
+                                               "routing_key": topology.WEBHOOKS_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # Durable hand-off: a task is acked after it ran, and a killed child's task comes back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=4,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        broker_transport_options={"confirm_publish": True, "confirm_timeout": settings.publish_timeout_s},
+        broker_connection_retry_on_startup=True,
+        broker_heartbeat=30,
+        result_extended=True,
+        task_track_started=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    app.conf.hookgate_settings = settings
+    return app
+
+
+celery_app = make_celery(Settings())

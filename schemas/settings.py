@@ -1,0 +1,50 @@
+"""Process configuration, read once from ``HOOKGATE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a hookgate process needs to know at start; frozen once read."""
+
+    model_config = SettingsConfigDict(env_prefix="HOOKGATE_", frozen=True, extra="ignore")
+
+    broker_url: str = "amqp://guest:guest@localhost:5672//"
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{Path.cwd() / 'hookgate.db'}")
+    # Celery's result backend; empty means the store's database (Celery's SQLAlchemy backend).
+    result_backend: str = ""
+    allow_private_targets: bool = False
+
+    # Ingest.
+    max_body_bytes: int = 256 * 1024
+    publish_timeout_s: float = 5.0
+    publish_max_batch: int = 512
+    broker_retry_after_s: int = 5
+    api_key_cache_ttl_s: float = 10.0
+
+    # Router.
+    router_prefetch: int = 512
+    router_batch_size: int = 256
+    router_batch_wait_s: float = 0.005
+    subscription_cache_ttl_s: float = 1.0
+
+    # Webhook delivery.
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_base_s: float = 5.0
+    webhook_backoff_max_s: float = 3600.0
+    task_soft_time_limit_s: int = 60
+    task_time_limit_s: int = 90
+
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    http_workers: int = 1
+
+    @property
+    def celery_result_backend(self) -> str:
+        return self.result_backend or f"db+{self.database_url}"

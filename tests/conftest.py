@@ -1,0 +1,90 @@
+"""Shared fixtures: a fresh RabbitMQ vhost per test module, and both stores, migrated."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from consumers.store.database import migrate
+from schemas.settings import Settings
+
+RABBIT_HOST = os.environ.get("HOOKGATE_TEST_RABBIT_HOST", "127.0.0.1")
+PG_ADMIN_URL = os.environ.get("HOOKGATE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.fail("rabbitmqctl is not installed: the integration tests need a real RabbitMQ (run scripts/setup.sh)")
+    result = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {result.stderr or result.stdout}")
+
+
+@pytest.fixture(scope="module")
+def broker_url() -> Iterator[str]:
+    """A broker URL on a vhost of its own, deleted with everything in it after the module."""
+    vhost = f"hookgate-test-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@{RABBIT_HOST}:5672/{vhost}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database of its own for this test run, dropped at the end."""
+    name = f"hookgate_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc} (run scripts/setup.sh)")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _reset_postgres(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A freshly migrated store: a SQLite file, then the run's PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'hookgate.db'}"
+    else:
+        url = request.getfixturevalue("pg_database")
+        _reset_postgres(url)
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A freshly migrated SQLite store, for tests where the engine does not matter."""
+    url = f"sqlite:///{tmp_path / 'hookgate.db'}"
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def make_settings(broker_url: str) -> Callable[..., Settings]:
+    """Settings for this module's vhost; loopback receivers are allowed, as in local runs."""
+
+    def factory(**overrides: object) -> Settings:
+        values: dict[str, object] = {"broker_url": broker_url, "allow_private_targets": True}
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return factory
