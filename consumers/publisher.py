@@ -15,8 +15,8 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -198,7 +198,7 @@ class ConfirmingPublisher:
                     if remaining <= 0:
                         raise TimeoutError
                     conn.drain_events(timeout=remaining)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 self._complete(batch, returned, by_key, "the broker did not confirm in time")
                 raise PublishError("confirm timeout") from None
             except BaseException:
@@ -278,10 +278,9 @@ def _hand_back(requests: list[_Request]) -> None:
     for request in requests:
         by_loop.setdefault(request.loop, []).append(request)
     for loop, settled in by_loop.items():
-        try:
+        # A closed loop raises RuntimeError: nobody is waiting there any more.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_resolve, settled)
-        except RuntimeError:
-            pass  # that loop is closed; nobody is waiting any more
 
 
 def _resolve(requests: list[_Request]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     http_workers: int = 1
+
+    # Processes and logs.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "auto": JSON lines unless stderr is a terminal.
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # Where processes keep local state (Celery beat's schedule file).
+    state_dir: Path = Field(default_factory=Path.cwd)
 
     @property
     def celery_result_backend(self) -> str:
