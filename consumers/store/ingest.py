@@ -1,0 +1,135 @@
+"""The router's write path: persist a batch of events and their deliveries in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, Insert, insert, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from consumers.store.database import utcnow
+from consumers.store.models import Delivery, Event, Subscription
+from consumers.topics import topic_matches
+from schemas.deliveries import DeliveryStatus
+from schemas.events import CloudEvent
+from schemas.ids import new_id
+
+__all__ = ["ActiveSubscription", "PendingDelivery", "load_active_subscriptions", "persist_events"]
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveSubscription:
+    id: str
+    channel: str
+    event_types: tuple[str, ...]
+    options: dict[str, object]
+
+    def matches(self, event_type: str) -> bool:
+        return any(topic_matches(pattern, event_type) for pattern in self.event_types)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDelivery:
+    """A delivery whose task must be enqueued: what the router needs to route it, ids only."""
+
+    delivery_id: str
+    event_id: str
+    subscription: ActiveSubscription
+
+
+def load_active_subscriptions(sessions: sessionmaker[Session]) -> list[ActiveSubscription]:
+    with sessions() as session:
+        rows = session.execute(
+            select(Subscription.id, Subscription.channel, Subscription.event_types, Subscription.options).where(
+                Subscription.enabled.is_(True), Subscription.deleted_at.is_(None)
+            )
+        ).all()
+    return [ActiveSubscription(r.id, r.channel, tuple(r.event_types), r.options or {}) for r in rows]
+
+
+def _insert_ignoring_duplicates(engine: Engine) -> Insert:
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(Event).on_conflict_do_nothing(index_elements=["source", "id"])
+
+
+def persist_events(
+    sessions: sessionmaker[Session],
+    events: Sequence[tuple[CloudEvent, bytes]],
+    subscriptions: Sequence[ActiveSubscription],
+) -> tuple[list[PendingDelivery], int]:
+    """Store new events with one delivery per matching subscription; return what to enqueue and the duplicates.
+
+    Duplicates of (source, id) are not stored again. Their deliveries that never started are
+    returned once more: a router that crashed between this commit and the task publish left them
+    without a task, and the delivery task is idempotent, so enqueueing one twice is harmless.
+    """
+    now = utcnow()
+    unique: dict[tuple[str, str], tuple[CloudEvent, bytes]] = {}
+    for event, body in events:
+        unique.setdefault((event.source, event.id), (event, body))
+    rows = [_event_row(event, body, now) for event, body in unique.values()]
+    with sessions.begin() as session:
+        engine = session.get_bind()
+        assert isinstance(engine, Engine)
+        inserted = session.execute(
+            _insert_ignoring_duplicates(engine).returning(Event.pk, Event.source, Event.id), rows
+        ).all()
+        new_keys = {(r.source, r.id): r.pk for r in inserted}
+        pending: list[PendingDelivery] = []
+        delivery_rows: list[dict[str, object]] = []
+        for key, pk in new_keys.items():
+            event = unique[key][0]
+            for subscription in subscriptions:
+                if subscription.matches(event.type):
+                    delivery_id = new_id()
+                    delivery_rows.append(_delivery_row(delivery_id, pk, subscription.id, now))
+                    pending.append(PendingDelivery(delivery_id, event.id, subscription))
+        if delivery_rows:
+            session.execute(insert(Delivery), delivery_rows)
+        duplicates = [key for key in unique if key not in new_keys]
+        if duplicates:
+            pending.extend(_unstarted_deliveries(session, duplicates, subscriptions))
+    return pending, len(events) - len(new_keys)
+
+
+def _unstarted_deliveries(session: Session, keys: list[tuple[str, str]],
+                          subscriptions: Sequence[ActiveSubscription]) -> list[PendingDelivery]:
+    by_id = {s.id: s for s in subscriptions}
+    rows = session.execute(
+        select(Delivery.id, Delivery.subscription_id, Event.id.label("event_id"))
+        .join(Event, Event.pk == Delivery.event_pk)
+        .where(
+            tuple_(Event.source, Event.id).in_(keys),
+            Delivery.status == DeliveryStatus.PENDING.value,
+            Delivery.attempts_count == 0,
+        )
+    ).all()
+    return [PendingDelivery(r.id, r.event_id, by_id[r.subscription_id]) for r in rows if r.subscription_id in by_id]
+
+
+def _event_row(event: CloudEvent, body: bytes, now: datetime) -> dict[str, object]:
+    return {
+        "pk": new_id(),
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "subject": event.subject,
+        "time": event.time,
+        "body": body.decode(),
+        "received_at": now,
+    }
+
+
+def _delivery_row(delivery_id: str, event_pk: str, subscription_id: str, now: datetime) -> dict[str, object]:
+    return {
+        "id": delivery_id,
+        "event_pk": event_pk,
+        "subscription_id": subscription_id,
+        "status": DeliveryStatus.PENDING.value,
+        "attempts_count": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
