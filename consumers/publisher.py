@@ -150,9 +150,13 @@ class ConfirmingPublisher:
 
     def _connect(self) -> Connection:
         conn = Connection(self._url, connect_timeout=self._connect_timeout_s, heartbeat=30)
-        conn.connect()
-        if self._declare is not None:
-            self._declare(conn)
+        try:
+            conn.connect()
+            if self._declare is not None:
+                self._declare(conn)
+        except BaseException:
+            self._discard(conn)
+            raise
         return conn
 
     @staticmethod

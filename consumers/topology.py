@@ -39,6 +39,6 @@ def declare_topology(connection: Connection, task_queues: tuple[str, ...] = name
     try:
         for entity in (events_exchange, dead_exchange, tasks_exchange, ingest_queue, dead_queue,
                        *(task_queue(q) for q in task_queues)):
-            entity.maybe_bind(channel).declare()
+            entity.bind(channel).declare()  # a bound copy: the module-level entities stay unbound
     finally:
         channel.close()
