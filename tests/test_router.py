@@ -18,7 +18,7 @@ from consumers.router import Router
 from consumers.store.database import make_engine, make_sessionmaker, utcnow
 from consumers.store.ingest import load_active_subscriptions, persist_events
 from consumers.store.models import Delivery, Event, Subscription
-from consumers.topology import declare_topology, dead_queue, task_queue
+from consumers.topology import dead_queue, declare_topology, task_queue
 from schemas import topology
 from schemas.events import event_from_json
 from schemas.settings import Settings
