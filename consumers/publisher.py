@@ -145,7 +145,7 @@ class ConfirmingPublisher:
                 log.warning("broker_connection_lost", publisher=self._name, error=str(exc))
             finally:
                 self._connected.clear()
-                self._discard(conn)
+                self._discard(conn, graceful=self._stopping.is_set())
         self._fail_waiting("the publisher is shutting down")
 
     def _connect(self) -> Connection:
@@ -160,12 +160,14 @@ class ConfirmingPublisher:
         return conn
 
     @staticmethod
-    def _discard(conn: Connection) -> None:
-        # After any publish error the channel's confirm count is unknown: never reuse it.
-        try:
-            conn.release()
-        except Exception:
-            conn.collect()
+    def _discard(conn: Connection, *, graceful: bool = False) -> None:
+        # After any publish error the channel's confirm count is unknown: never reuse it. Only a clean
+        # stop says goodbye: the AMQP close handshake waits without a timeout on a silent broker.
+        if graceful:
+            with contextlib.suppress(Exception):
+                conn.release()
+                return
+        conn.collect()
 
     def _serve(self, conn: Connection) -> None:
         channel: amqp.Channel = conn.channel()
