@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     # Where processes keep local state (Celery beat's schedule file).
     state_dir: Path = Field(default_factory=Path.cwd)
+    # How long `hookgate up` waits for its children to stop before killing them.
+    shutdown_timeout_s: float = 30.0
 
     @property
     def celery_result_backend(self) -> str:
