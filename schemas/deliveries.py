@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["AttemptOut", "DeliveryOut", "DeliveryStatus"]
+__all__ = ["AttemptOut", "DeliveryOut", "DeliveryStatus", "EventDeliveries"]
 
 
 class DeliveryStatus(StrEnum):
@@ -38,3 +39,11 @@ class DeliveryOut(BaseModel):
     updated_at: datetime
     last_error: str | None
     attempts: list[AttemptOut] = []
+
+
+class EventDeliveries(BaseModel):
+    """A stored event (its structured CloudEvent) with every delivery and attempt."""
+
+    event: dict[str, Any]
+    received_at: datetime
+    deliveries: list[DeliveryOut]

@@ -13,6 +13,7 @@ __all__ = [
     "Channel",
     "SubscriptionCreate",
     "SubscriptionOut",
+    "SubscriptionPage",
     "SubscriptionUpdate",
     "validate_secret",
     "validate_topic_pattern",
@@ -90,6 +91,14 @@ class SubscriptionUpdate(_SubscriptionFields):
     description: str | None = Field(default=None, max_length=1000)
     enabled: bool | None = None
 
+    @model_validator(mode="after")
+    def _no_nulls(self) -> SubscriptionUpdate:
+        # Absent means "leave as is"; an explicit null would erase a required field.
+        nulls = sorted(name for name in self.model_fields_set if getattr(self, name) is None)
+        if nulls:
+            raise ValueError(f"{', '.join(nulls)} cannot be null; leave a field out to keep it")
+        return self
+
 
 class SubscriptionOut(BaseModel):
     """A subscription as the API shows it; ``secret`` only where the caller may see it."""
@@ -104,3 +113,10 @@ class SubscriptionOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     secret: str | None = None
+
+
+class SubscriptionPage(BaseModel):
+    """One page of subscriptions (never with secrets); pass ``next_after`` as ``after`` for the next."""
+
+    items: list[SubscriptionOut]
+    next_after: str | None

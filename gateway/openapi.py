@@ -1,0 +1,362 @@
+"""The OpenAPI 3.1 description of every route, written as data, with schemas from the pydantic models."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.problems import PROBLEM_MEDIA_TYPE
+from gateway.routes.subscriptions import PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX
+from schemas.deliveries import EventDeliveries
+from schemas.events import CloudEvent
+from schemas.subscriptions import SubscriptionCreate, SubscriptionOut, SubscriptionPage, SubscriptionUpdate
+
+__all__ = ["openapi_document", "routes"]
+
+_REF = "#/components/schemas/{model}"
+_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+    (SubscriptionCreate, "validation"),
+    (SubscriptionUpdate, "validation"),
+    (SubscriptionOut, "serialization"),
+    (SubscriptionPage, "serialization"),
+    (EventDeliveries, "serialization"),
+]
+
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An RFC 9457 problem; some carry more members (`errors` on 422, `checks` on /readyz).",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "format": "uri-reference", "default": "about:blank"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+    "additionalProperties": True,
+}
+
+_PLAIN_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A plain event; hookgate wraps it in a CloudEvent. `source` defaults to the API key's URN.",
+    "required": ["type"],
+    "properties": {
+        "type": {"type": "string", "maxLength": 255, "description": "Dot-separated words; the routing key."},
+        "source": {"type": "string", "minLength": 1, "maxLength": 1024},
+        "data": {"description": "Any JSON value."},
+        "id": {"type": "string", "minLength": 1, "maxLength": 256, "description": "Generated when absent."},
+        "subject": {"type": "string", "maxLength": 1024},
+        "time": {"type": "string", "format": "date-time"},
+    },
+    "additionalProperties": False,
+}
+
+_STATUS_DESCRIPTIONS = {
+    400: "The body is not valid JSON.",
+    401: "The API key is missing, unknown or revoked.",
+    403: "The API key lacks the scope this route needs.",
+    404: "Nothing has this id.",
+    405: "The method is not allowed on this path.",
+    409: "Several events have this id; repeat with `?source=`.",
+    413: "The body is larger than the configured limit.",
+    415: "The body's content type is not accepted here.",
+    422: "The body is JSON but not valid; `errors` lists each field.",
+    503: "A dependency (broker or store) is unavailable; see `Retry-After`.",
+}
+
+_RESPONSE_HEADERS = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer realm=\"hookgate\"`."}},
+    405: {"Allow": {"schema": {"type": "string"}, "description": "The methods this path accepts."}},
+    503: {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying."}},
+}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    return {str(status): {"$ref": f"#/components/responses/Problem{status}"} for status in statuses}
+
+
+def _json(schema: dict[str, Any], media_type: str = "application/json") -> dict[str, Any]:
+    return {"content": {media_type: {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": _REF.format(model=name)}
+
+
+_AUTH = [{"bearer": []}]
+_PATH_ID = {"in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _binary_headers() -> list[dict[str, Any]]:
+    described = {
+        "ce-specversion": "Binary mode: `1.0`. Its presence selects binary mode; the body is then `data`.",
+        "ce-type": "Binary mode: the event type.",
+        "ce-source": "Binary mode: the event source (defaults to the API key's URN).",
+        "ce-id": "Binary mode: the event id (generated when absent).",
+        "ce-subject": "Binary mode: the subject.",
+        "ce-time": "Binary mode: the event time (RFC 3339).",
+    }
+    return [
+        {"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": text}
+        for name, text in described.items()
+    ]
+
+
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+    "description": "Sets the event id, so a retried request is delivered once.",
+}
+
+
+def _paths() -> dict[str, Any]:
+    ingest_errors = _problems(400, 401, 403, 413, 415, 422, 503)
+    return {
+        "/v1/events": {
+            "post": {
+                "operationId": "publishEvent",
+                "summary": "Publish one event",
+                "description": "Answers 202 only once RabbitMQ has confirmed the event. Plain JSON, CloudEvents "
+                "structured mode, or binary mode (`ce-*` headers, any body content type).",
+                "security": _AUTH,
+                "parameters": [_IDEMPOTENCY_KEY, *_binary_headers()],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref("PlainEvent")},
+                        "application/cloudevents+json": {"schema": _ref("StructuredCloudEvent")},
+                        "*/*": {"schema": {"description": "Binary mode: the event's data, with `ce-*` headers."}},
+                    },
+                },
+                "responses": {
+                    "202": {"description": "Accepted and durable.", **_json(_ref("Accepted"))},
+                    **ingest_errors,
+                },
+            }
+        },
+        "/v1/events/batch": {
+            "post": {
+                "operationId": "publishEvents",
+                "summary": "Publish many events in one request",
+                "description": "All or nothing: 202 once RabbitMQ has confirmed every event.",
+                "security": _AUTH,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"type": "array", "items": _ref("PlainEvent")}},
+                        "application/cloudevents-batch+json": {
+                            "schema": {"type": "array", "items": _ref("StructuredCloudEvent")}
+                        },
+                    },
+                },
+                "responses": {
+                    "202": {"description": "Accepted and durable, ids in order.", **_json(_ref("AcceptedBatch"))},
+                    **ingest_errors,
+                },
+            }
+        },
+        "/v1/events/{event_id}": {
+            "get": {
+                "operationId": "getEvent",
+                "summary": "An event with its deliveries and their attempts",
+                "security": _AUTH,
+                "parameters": [
+                    {"name": "event_id", **_PATH_ID},
+                    {
+                        "name": "source",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "The event's source; needed when several sources used this id.",
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "The event.", **_json(_ref("EventDeliveries"))},
+                    **_problems(401, 403, 404, 409, 503),
+                },
+            }
+        },
+        "/v1/subscriptions": {
+            "get": {
+                "operationId": "listSubscriptions",
+                "summary": "Subscriptions, oldest first, without secrets",
+                "security": _AUTH,
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": PAGE_LIMIT_MAX,
+                            "default": PAGE_LIMIT_DEFAULT,
+                        },
+                    },
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "The previous page's `next_after`.",
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "One page.", **_json(_ref("SubscriptionPage"))},
+                    **_problems(401, 403, 422, 503),
+                },
+            },
+            "post": {
+                "operationId": "createSubscription",
+                "summary": "Create a subscription; the answer carries its signing secret",
+                "security": _AUTH,
+                "requestBody": {"required": True, **_json(_ref("SubscriptionCreate"))},
+                "responses": {
+                    "201": {"description": "Created, with `secret`.", **_json(_ref("SubscriptionOut"))},
+                    **_problems(400, 401, 403, 413, 415, 422, 503),
+                },
+            },
+        },
+        "/v1/subscriptions/{subscription_id}": {
+            "parameters": [{"name": "subscription_id", **_PATH_ID}],
+            "get": {
+                "operationId": "getSubscription",
+                "summary": "A subscription, without its secret",
+                "security": _AUTH,
+                "responses": {
+                    "200": {"description": "The subscription.", **_json(_ref("SubscriptionOut"))},
+                    **_problems(401, 403, 404, 503),
+                },
+            },
+            "patch": {
+                "operationId": "updateSubscription",
+                "summary": "Change the fields sent (enabled, event_types, url, description)",
+                "security": _AUTH,
+                "requestBody": {"required": True, **_json(_ref("SubscriptionUpdate"))},
+                "responses": {
+                    "200": {"description": "The subscription as changed.", **_json(_ref("SubscriptionOut"))},
+                    **_problems(400, 401, 403, 404, 413, 415, 422, 503),
+                },
+            },
+            "delete": {
+                "operationId": "deleteSubscription",
+                "summary": "Delete a subscription; its pending and retrying deliveries are cancelled",
+                "security": _AUTH,
+                "responses": {"204": {"description": "Deleted."}, **_problems(401, 403, 404, 503)},
+            },
+        },
+        "/v1/subscriptions/{subscription_id}/secret": {
+            "get": {
+                "operationId": "getSubscriptionSecret",
+                "summary": "A subscription's signing secret",
+                "security": _AUTH,
+                "parameters": [{"name": "subscription_id", **_PATH_ID}],
+                "responses": {
+                    "200": {"description": "The secret.", **_json(_ref("SubscriptionSecret"))},
+                    **_problems(401, 403, 404, 503),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "The process is alive",
+                "security": [],
+                "responses": {"200": {"description": "Alive.", **_json(_ref("Status"))}},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "The broker and the store both answer",
+                "security": [],
+                "responses": {"200": {"description": "Ready.", **_json(_ref("Status"))}, **_problems(503)},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": {"description": "OpenAPI 3.1.", **_json({"type": "object"})}},
+            }
+        },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    _, top = models_json_schema(_MODELS, ref_template=_REF)
+    schemas: dict[str, Any] = dict(top["$defs"])
+    structured = CloudEvent.model_json_schema(ref_template=_REF)
+    # On the wire, extension attributes sit beside the core ones, and id and source may be left to hookgate.
+    structured["properties"].pop("extensions")
+    structured["additionalProperties"] = {"type": ["string", "integer", "boolean"]}
+    structured["required"] = ["specversion", "type"]
+    structured["title"] = "StructuredCloudEvent"
+    schemas.update(
+        StructuredCloudEvent=structured,
+        PlainEvent=_PLAIN_EVENT_SCHEMA,
+        Problem=_PROBLEM_SCHEMA,
+        Accepted={"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+        AcceptedBatch={
+            "type": "object",
+            "required": ["ids"],
+            "properties": {"ids": {"type": "array", "items": {"type": "string"}}},
+        },
+        SubscriptionSecret={"type": "object", "required": ["secret"], "properties": {"secret": {"type": "string"}}},
+        Status={"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    )
+    return schemas
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The whole document; built once per process."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "hookgate",
+            "version": "1",
+            "description": "Events in over HTTP and AMQP, out as signed webhooks. Errors are RFC 9457 problems.",
+        },
+        "security": _AUTH,
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "responses": {
+                f"Problem{status}": {
+                    "description": text,
+                    **({"headers": _RESPONSE_HEADERS[status]} if status in _RESPONSE_HEADERS else {}),
+                    **_json(_ref("Problem"), PROBLEM_MEDIA_TYPE),
+                }
+                for status, text in _STATUS_DESCRIPTIONS.items()
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key, hg_…"}},
+        },
+    }
+
+
+@cache
+def _document_bytes() -> bytes:
+    return orjson.dumps(openapi_document())
+
+
+async def openapi_json(_request: Request) -> Response:
+    return Response(_document_bytes(), media_type="application/json")
+
+
+routes = [Route("/openapi.json", openapi_json, methods=["GET"], name="openapi")]

@@ -1,0 +1,140 @@
+"""``/v1/subscriptions``: create, page through, read, change and delete subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.endpoints import HTTPEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from consumers.ssrf import UnsafeTargetError, check_target
+from consumers.store import subscriptions as store
+from gateway.auth import authenticate
+from gateway.problems import Problem
+from gateway.routes._json import model_response, read_model, validated
+from schemas.keys import Scope
+from schemas.settings import Settings
+from schemas.subscriptions import SubscriptionCreate, SubscriptionOut, SubscriptionPage, SubscriptionUpdate
+
+__all__ = ["PAGE_LIMIT_DEFAULT", "PAGE_LIMIT_MAX", "routes"]
+
+log = structlog.get_logger(__name__)
+
+PAGE_LIMIT_DEFAULT = 50
+PAGE_LIMIT_MAX = 200
+
+
+class _PageQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    limit: int = Field(default=PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX)
+    after: str | None = Field(default=None, min_length=1, max_length=36)
+
+
+async def _check_url(request: Request, url: str) -> None:
+    settings: Settings = request.app.state.settings
+    try:
+        # Resolving the host is blocking DNS: keep it off the event loop.
+        await asyncio.to_thread(check_target, url, allow_private=settings.allow_private_targets)
+    except UnsafeTargetError as exc:
+        raise Problem(
+            422, f"the webhook url is refused: {exc}", errors=[{"field": "url", "message": str(exc)}]
+        ) from exc
+
+
+def _not_found(subscription_id: str) -> Problem:
+    return Problem(404, f"there is no subscription {subscription_id!r}")
+
+
+class SubscriptionCollection(HTTPEndpoint):
+    """``/v1/subscriptions``."""
+
+    async def get(self, request: Request) -> Response:
+        await authenticate(request, Scope.SUBSCRIPTIONS)
+        query = validated(_PageQuery, dict(request.query_params))
+        items, next_after = await asyncio.to_thread(
+            store.list_subscriptions, request.app.state.read_sessions, limit=query.limit, after=query.after
+        )
+        page = SubscriptionPage(items=items, next_after=next_after)
+        return model_response(page, exclude={"items": {"__all__": {"secret"}}})
+
+    async def post(self, request: Request) -> Response:
+        principal = await authenticate(request, Scope.SUBSCRIPTIONS)
+        data = await read_model(request, SubscriptionCreate)
+        if data.url is not None:
+            await _check_url(request, data.url)
+        created: SubscriptionOut = await asyncio.to_thread(
+            store.create_subscription, request.app.state.sessions, data, owner_key_id=principal.key_id
+        )
+        log.info("subscription_created", subscription_id=created.id, key_id=principal.key_id)
+        response = model_response(created, 201)
+        response.headers["Location"] = str(request.url_for("subscription", subscription_id=created.id).path)
+        return response
+
+
+class SubscriptionItem(HTTPEndpoint):
+    """``/v1/subscriptions/{subscription_id}``."""
+
+    async def get(self, request: Request) -> Response:
+        await authenticate(request, Scope.SUBSCRIPTIONS)
+        subscription_id = request.path_params["subscription_id"]
+        found = await asyncio.to_thread(store.get_subscription, request.app.state.read_sessions, subscription_id)
+        if found is None:
+            raise _not_found(subscription_id)
+        return model_response(found, exclude={"secret"})
+
+    async def patch(self, request: Request) -> Response:
+        principal = await authenticate(request, Scope.SUBSCRIPTIONS)
+        subscription_id = request.path_params["subscription_id"]
+        changes = await read_model(request, SubscriptionUpdate)
+        if changes.url is not None:
+            await _check_url(request, changes.url)
+        updated = await asyncio.to_thread(
+            store.update_subscription, request.app.state.sessions, subscription_id, changes
+        )
+        if updated is None:
+            raise _not_found(subscription_id)
+        log.info(
+            "subscription_updated",
+            subscription_id=subscription_id,
+            key_id=principal.key_id,
+            fields=sorted(changes.model_fields_set),
+        )
+        return model_response(updated, exclude={"secret"})
+
+    async def delete(self, request: Request) -> Response:
+        principal = await authenticate(request, Scope.SUBSCRIPTIONS)
+        subscription_id = request.path_params["subscription_id"]
+        cancelled = await asyncio.to_thread(store.delete_subscription, request.app.state.sessions, subscription_id)
+        if cancelled is None:
+            raise _not_found(subscription_id)
+        log.info(
+            "subscription_deleted",
+            subscription_id=subscription_id,
+            key_id=principal.key_id,
+            cancelled_deliveries=cancelled,
+        )
+        return Response(status_code=204)
+
+
+async def subscription_secret(request: Request) -> Response:
+    """``GET /v1/subscriptions/{subscription_id}/secret``: the signing secret, on its own."""
+    await authenticate(request, Scope.SUBSCRIPTIONS)
+    subscription_id = request.path_params["subscription_id"]
+    found = await asyncio.to_thread(
+        store.get_subscription, request.app.state.read_sessions, subscription_id, with_secret=True
+    )
+    if found is None:
+        raise _not_found(subscription_id)
+    return JSONResponse({"secret": found.secret})
+
+
+routes = [
+    Route("/v1/subscriptions", SubscriptionCollection, name="subscriptions"),
+    Route("/v1/subscriptions/{subscription_id}", SubscriptionItem, name="subscription"),
+    Route("/v1/subscriptions/{subscription_id}/secret", subscription_secret, name="subscription_secret"),
+]
