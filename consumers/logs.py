@@ -30,6 +30,12 @@ class ProcessInfo:
         return event_dict
 
 
+def _drop_color_message(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    # uvicorn passes a copy of each message with terminal colour codes as an extra; the message itself is enough.
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
 def wants_json(json: bool | None = None) -> bool:
     """JSON lines unless told otherwise or stderr is a terminal a person reads."""
     if json is not None:
@@ -48,6 +54,7 @@ def _shared_processors(process: str) -> list[Processor]:
         structlog.stdlib.add_logger_name,
         structlog.stdlib.PositionalArgumentsFormatter(),
         structlog.stdlib.ExtraAdder(),
+        _drop_color_message,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         ProcessInfo(process),
         structlog.processors.StackInfoRenderer(),
@@ -102,3 +109,5 @@ def configure_logging(process: str, *, level: str = "INFO", json: bool | None = 
     line, and values bound with ``structlog.contextvars.bind_contextvars`` are merged in.
     """
     logging.config.dictConfig(logging_config(process, level=level, json=json))
+    # Library warnings (Celery's, for one) become log lines too, instead of bare text on stderr.
+    logging.captureWarnings(True)
