@@ -15,6 +15,9 @@ __all__ = ["ProcessInfo", "configure_logging", "logging_config", "structlog_form
 
 # Libraries that attach handlers of their own would print every line twice, once unformatted.
 _SELF_HANDLING_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+# httpx logs every request's full URL at INFO, and webhook URLs often carry credentials (tokens in
+# the path or query), so only its warnings pass.
+_URL_LOGGING_LOGGERS = ("httpx", "httpcore")
 
 
 class ProcessInfo:
@@ -97,7 +100,10 @@ def logging_config(process: str, *, level: str = "INFO", json: bool | None = Non
         "handlers": {
             "stderr": {"class": "logging.StreamHandler", "formatter": "hookgate", "stream": "ext://sys.stderr"},
         },
-        "loggers": {name: {"handlers": [], "propagate": True} for name in _SELF_HANDLING_LOGGERS},
+        "loggers": {
+            **{name: {"handlers": [], "propagate": True} for name in _SELF_HANDLING_LOGGERS},
+            **{name: {"level": "WARNING"} for name in _URL_LOGGING_LOGGERS},
+        },
         "root": {"level": level.upper(), "handlers": ["stderr"]},
     }
 

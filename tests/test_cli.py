@@ -196,6 +196,21 @@ def test_context_variables_reach_structlog_and_stdlib_lines() -> None:
         assert line["event_id"] == "ev-1" and line["delivery_id"] == "dl-2" and line["process"] == "probe"
 
 
+def test_request_urls_logged_by_httpx_are_kept_out() -> None:
+    """httpx's per-request INFO lines, which carry webhook URLs and their tokens, are not written; its warnings are."""
+    program = (
+        "import logging\n"
+        "from consumers.logs import configure_logging\n"
+        "configure_logging('probe', level='DEBUG', json=True)\n"
+        "logging.getLogger('httpx').info('HTTP Request: POST https://hooks.example/T0KEN \"HTTP/1.1 200 OK\"')\n"
+        "logging.getLogger('httpx').warning('pool exhausted')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "T0KEN" not in result.stderr
+    assert [line["event"] for line in json_lines(result.stderr)] == ["pool exhausted"]
+
+
 def test_runs_as_python_module() -> None:
     """`python -m gateway.cli` is the same command line, listing every process command."""
     result = subprocess.run([sys.executable, "-m", "gateway.cli", "--help"], capture_output=True, text=True,
