@@ -225,6 +225,13 @@ class Up(Supervised):
     port: int
     state_dir: Path
 
+    def no_child_exited(self) -> bool:
+        """True while every child still runs; a crash fails at once, with the log's tail, not after a timeout."""
+        if exited := self.logs("child_exited"):
+            tail = "\n".join(self.log_path.read_text().splitlines()[-30:])
+            raise AssertionError(f"{exited[0]['child']} exited while `hookgate up` started:\n{tail}")
+        return True
+
 
 @pytest.fixture(scope="module")
 def celery_control(broker_url: str) -> Iterator[Celery]:
@@ -250,9 +257,10 @@ def up(broker_url: str, celery_control: Celery, tmp_path: Path) -> Iterator[Up]:
                                    stderr=subprocess.STDOUT)
     handle = Up(process, log_path, port, tmp_path / "state")
     try:
-        wait_until(lambda: healthy(port), 30, "the gateway's /healthz")
-        wait_until(lambda: worker_pongs(celery_control), 30, "the worker to answer a ping")
-        wait_until(lambda: ingest_consumers(broker_url) == 1, 30, "the router to consume")
+        for condition, what in ((lambda: healthy(port), "the gateway's /healthz"),
+                                (lambda: worker_pongs(celery_control), "the worker to answer a ping"),
+                                (lambda: ingest_consumers(broker_url) == 1, "the router to consume")):
+            wait_until(lambda c=condition: handle.no_child_exited() and c(), 30, what)
         yield handle
     finally:
         handle.kill_everything()
