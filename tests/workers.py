@@ -1,0 +1,108 @@
+"""A real Celery worker subprocess for tests, started the way an operator starts one.
+
+Usage::
+
+    with Worker(settings, tmp_path / "worker.log", queues=["webhooks"]) as worker:
+        ...send tasks, wait for their effects...
+
+The worker gets ``settings`` as ``HOOKGATE_*`` environment variables, runs in a process group of
+its own, and is ready when it logs ``ready.``; leaving the block sends SIGTERM (a warm shutdown)
+and kills the group if it lingers. When the block exits with an exception the worker's log is
+printed, so pytest shows it with the failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+
+from schemas.settings import Settings
+
+__all__ = ["Worker", "settings_env"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``HOOKGATE_*`` variables that give another process exactly these settings."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"HOOKGATE_{name.upper()}"] = str(value)
+    return env
+
+
+class Worker:
+    """``celery -A consumers.celery_app:celery_app worker`` as a child process, with its log in a file."""
+
+    def __init__(self, settings: Settings, log_path: Path, *, queues: Iterable[str] = ("webhooks",),
+                 concurrency: int = 2, pool: str = "prefork", app: str = "consumers.celery_app:celery_app",
+                 extra_args: Iterable[str] = (), extra_env: Mapping[str, str] | None = None) -> None:
+        self.name = f"test-{uuid.uuid4().hex[:8]}"
+        self.log_path = log_path
+        self.command = [
+            sys.executable, "-m", "celery", "-A", app, "worker",
+            "-Q", ",".join(queues), "-P", pool, "-c", str(concurrency),
+            "--without-gossip", "--without-mingle", "-n", f"{self.name}@%h", "-l", "INFO", *extra_args,
+        ]
+        self.env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the worker is not running")
+        return self._process.pid
+
+    def log_text(self) -> str:
+        """Everything the worker wrote so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the worker and wait until it consumes; raise with its log if it does not get there."""
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=self.env, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while f"{self.name}@" not in self.log_text() or " ready." not in self.log_text():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the Celery worker did not become ready; its log:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM (finish running tasks, then exit); SIGKILL the whole group after ``timeout_s``."""
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                return process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        # Hung, or died on its own: its pool children share the group, and none may outlive the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait(timeout=timeout_s)
+
+    def __enter__(self) -> Worker:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        if exc_type is not None:
+            print(f"--- log of Celery worker {self.name} ({self.log_path}) ---\n{self.log_text()}")
