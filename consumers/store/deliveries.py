@@ -1,0 +1,192 @@
+"""A delivery's life in the store: claimed under a lease, then one attempt recorded per send."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from consumers.store.database import utcnow
+from consumers.store.errors import translate_errors
+from consumers.store.models import Attempt, Delivery, Event, Subscription
+from schemas.deliveries import OPEN_STATUSES, DeliveryStatus
+from schemas.subscriptions import Channel
+
+__all__ = ["AttemptRecord", "DeliveryJob", "SkipReason", "cancel", "claim", "record_attempt", "skip_reason"]
+
+_deliveries = Delivery.__table__
+_events = Event.__table__
+_subscriptions = Subscription.__table__
+_attempts = Attempt.__table__
+_webhook_subscription = and_(
+    _subscriptions.c.channel == Channel.WEBHOOK.value, _subscriptions.c.url.is_not(None),
+    _subscriptions.c.secret.is_not(None),
+)
+_OPEN = [status.value for status in OPEN_STATUSES]
+# A retry published with a countdown arrives after the next_attempt_at we stored; the slack only
+# absorbs clock differences between worker hosts.
+_DUE_SLACK = timedelta(seconds=2)
+
+
+class SkipReason(StrEnum):
+    """Why a delivery was not claimed."""
+
+    UNKNOWN = "unknown delivery"
+    FINISHED = "already finished"
+    SUBSCRIPTION_DELETED = "subscription deleted"
+    SUBSCRIPTION_DISABLED = "subscription disabled"
+    NOT_A_WEBHOOK = "not a webhook subscription with a URL and a secret"
+    LEASED = "leased by another worker"
+    NOT_DUE = "not due yet"
+    RELEASED = "claimable again (released meanwhile)"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """Everything one attempt needs, read in the claim's transaction."""
+
+    delivery_id: str
+    attempt: int
+    event_id: str
+    event_type: str
+    event_received_at: datetime
+    # The structured CloudEvent as JSON text, exactly as the router stored it.
+    event_body: str
+    subscription_id: str
+    url: str
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """What happened on one send; ``status_code`` is None when no response came back."""
+
+    started_at: datetime
+    duration_ms: float
+    status_code: int | None = None
+    error: str | None = None
+    response_headers: dict[str, Any] | None = None
+    response_body: str | None = None
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; everything we write is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def claim(sessions: sessionmaker[Session], delivery_id: str, lease_s: float) -> DeliveryJob | None:
+    """Take the delivery for one attempt, or None if it is not ours to send now.
+
+    None means finished (succeeded, dead, cancelled), unknown, leased by another worker, not due
+    yet (``next_attempt_at`` ahead), or its subscription is disabled or deleted. The conditional
+    UPDATE is the lock: of two workers holding the same delivery id, exactly one gets a row back.
+    """
+    now = utcnow()
+    deliverable = exists().where(
+        _subscriptions.c.id == _deliveries.c.subscription_id,
+        _subscriptions.c.enabled.is_(True),
+        _subscriptions.c.deleted_at.is_(None),
+        _webhook_subscription,
+    )
+    take = (
+        update(_deliveries)
+        .where(
+            _deliveries.c.id == delivery_id,
+            _deliveries.c.status.in_(_OPEN),
+            or_(_deliveries.c.lease_until.is_(None), _deliveries.c.lease_until < now),
+            or_(_deliveries.c.next_attempt_at.is_(None), _deliveries.c.next_attempt_at <= now + _DUE_SLACK),
+            deliverable,
+        )
+        .values(lease_until=now + timedelta(seconds=lease_s), attempts_count=_deliveries.c.attempts_count + 1,
+                updated_at=now)
+        .returning(_deliveries.c.attempts_count)
+    )
+    details = (
+        select(_deliveries.c.subscription_id, _events.c.id, _events.c.type,
+               _events.c.received_at, _events.c.body, _subscriptions.c.url, _subscriptions.c.secret)
+        .join(_events, _events.c.pk == _deliveries.c.event_pk)
+        .join(_subscriptions, _subscriptions.c.id == _deliveries.c.subscription_id)
+        .where(_deliveries.c.id == delivery_id)
+    )
+    with translate_errors("claiming a delivery"), sessions.begin() as session:
+        attempt = session.execute(take).scalar()
+        if attempt is None:
+            return None
+        row = session.execute(details).one()
+    return DeliveryJob(
+        delivery_id=delivery_id, attempt=attempt, event_id=row.id, event_type=row.type,
+        event_received_at=_aware(row.received_at), event_body=row.body, subscription_id=row.subscription_id,
+        url=row.url, secret=row.secret,
+    )
+
+
+def skip_reason(sessions: sessionmaker[Session], delivery_id: str) -> SkipReason:
+    """Why ``claim`` returned None (read after the fact, so a hint for the log and for cleanup)."""
+    query = (
+        select(_deliveries.c.status, _deliveries.c.lease_until, _deliveries.c.next_attempt_at,
+               _subscriptions.c.enabled, _subscriptions.c.deleted_at, _webhook_subscription.label("webhook"))
+        .join(_subscriptions, _subscriptions.c.id == _deliveries.c.subscription_id)
+        .where(_deliveries.c.id == delivery_id)
+    )
+    with translate_errors("reading a delivery"), sessions() as session:
+        # A read: on SQLite it must not queue for the write lock behind busy workers.
+        row = session.connection(execution_options={"readonly": True}).execute(query).first()
+    now = utcnow()
+    if row is None:
+        return SkipReason.UNKNOWN
+    if row.status not in _OPEN:
+        return SkipReason.FINISHED
+    if row.deleted_at is not None:
+        return SkipReason.SUBSCRIPTION_DELETED
+    if not row.enabled:
+        return SkipReason.SUBSCRIPTION_DISABLED
+    if not row.webhook:
+        return SkipReason.NOT_A_WEBHOOK
+    if row.lease_until is not None and _aware(row.lease_until) >= now:
+        return SkipReason.LEASED
+    if row.next_attempt_at is not None and _aware(row.next_attempt_at) > now + _DUE_SLACK:
+        return SkipReason.NOT_DUE
+    return SkipReason.RELEASED
+
+
+def record_attempt(sessions: sessionmaker[Session], job: DeliveryJob, record: AttemptRecord,
+                   status: DeliveryStatus, *, next_attempt_at: datetime | None = None) -> bool:
+    """Insert the attempt and move the delivery to ``status``, releasing the lease, in one transaction.
+
+    Returns False when the delivery was no longer this attempt's (cancelled meanwhile, or the lease
+    expired and another worker claimed it): the attempt is still recorded, the status left alone.
+    """
+    now = utcnow()
+    settle = (
+        update(_deliveries)
+        .where(_deliveries.c.id == job.delivery_id, _deliveries.c.status.in_(_OPEN),
+               _deliveries.c.attempts_count == job.attempt)
+        .values(status=status.value, lease_until=None, next_attempt_at=next_attempt_at,
+                last_error=None if status is DeliveryStatus.SUCCEEDED else record.error,
+                updated_at=now)
+    )
+    with translate_errors("recording a delivery attempt"), sessions.begin() as session:
+        session.execute(insert(_attempts).values(
+            delivery_id=job.delivery_id, number=job.attempt, started_at=record.started_at,
+            duration_ms=record.duration_ms, status_code=record.status_code, error=record.error,
+            response_headers=record.response_headers, response_body=record.response_body,
+        ))
+        return session.execute(settle).rowcount == 1
+
+
+def cancel(sessions: sessionmaker[Session], delivery_id: str, reason: str) -> bool:
+    """Cancel an open delivery that nobody holds; False if it was finished or leased."""
+    now = utcnow()
+    stop = (
+        update(_deliveries)
+        .where(_deliveries.c.id == delivery_id, _deliveries.c.status.in_(_OPEN),
+               or_(_deliveries.c.lease_until.is_(None), _deliveries.c.lease_until < now))
+        .values(status=DeliveryStatus.CANCELLED.value, last_error=reason, next_attempt_at=None, updated_at=now)
+    )
+    with translate_errors("cancelling a delivery"), sessions.begin() as session:
+        return session.execute(stop).rowcount == 1
+

@@ -1,0 +1,443 @@
+"""Webhook delivery end to end: a real Celery worker, real RabbitMQ, a verifying receiver, both stores."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from celery import Celery
+from kombu import Connection
+from receiver import Receiver, Reply, make_secret
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+from workers import Worker
+
+from consumers.celery_app import make_celery
+from consumers.store import deliveries
+from consumers.store.database import make_engine, make_sessionmaker, migrate, utcnow
+from consumers.store.deliveries import AttemptRecord, DeliveryJob, SkipReason
+from consumers.store.models import Attempt, Delivery, Event, Subscription
+from consumers.tasks.webhooks import USER_AGENT, backoff_s, webhook_body
+from schemas.deliveries import DeliveryStatus
+from schemas.events import CloudEvent
+from schemas.ids import new_id
+from schemas.settings import Settings
+
+# One worker per store serves most tests; these settings keep retries and time limits short.
+FAST_RETRIES = {
+    "webhook_max_attempts": 3,
+    "webhook_backoff_base_s": 0.5,
+    "webhook_backoff_max_s": 8.0,
+    "webhook_timeout_s": 5.0,
+    "task_soft_time_limit_s": 1,
+    "task_time_limit_s": 10,
+}
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def shared_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated store shared by the module's worker (``store_url`` is per test; a worker start is ~2 s)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'hookgate.db'}"
+    else:
+        url = request.getfixturevalue("pg_database")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    migrate(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def sessions(shared_store: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(shared_store)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def module_settings(broker_url: str, shared_store: str) -> Settings:
+    return Settings(broker_url=broker_url, database_url=shared_store, allow_private_targets=True,
+                    **FAST_RETRIES)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def worker(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    with Worker(module_settings, tmp_path_factory.mktemp("worker") / "worker.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def sender(module_settings: Settings) -> Iterator[Celery]:
+    app = make_celery(module_settings)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def enqueue(sender: Celery, worker: Worker, request: pytest.FixtureRequest) -> Iterator[Callable[[str], None]]:
+    """Send ``tasks.deliver_webhook`` for a delivery id; the worker's log goes to the terminal if the test fails."""
+    failed_before = request.session.testsfailed
+    yield lambda delivery_id: sender.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
+    if request.session.testsfailed > failed_before:
+        # Output printed at teardown is not shown with the failure; the terminal reporter is.
+        terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+        terminal.write_line(f"--- worker log {worker.log_path} (tail) ---\n{worker.log_text()[-20000:]}")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def seed(sessions: sessionmaker[Session], url: str, secret: str, *, status: str = "pending",
+         data: Any = None, enabled: bool = True) -> str:
+    """A subscription, an event (structured CloudEvent body) and one delivery; returns the delivery id."""
+    now = utcnow()
+    event = CloudEvent(id=new_id(), source="tests/delivery", type="order.created",
+                       data={"order": 42} if data is None else data, time=now)
+    subscription_id, event_pk, delivery_id = new_id(), new_id(), new_id()
+    with sessions.begin() as session:
+        session.add(Subscription(id=subscription_id, channel="webhook", event_types=["order.*"], url=url,
+                                 secret=secret, description="", enabled=enabled, options={}, created_at=now,
+                                 updated_at=now))
+        session.add(Event(pk=event_pk, id=event.id, source=event.source, type=event.type, time=event.time,
+                          body=event.to_json().decode(), received_at=now))
+        session.flush()
+        session.add(Delivery(id=delivery_id, event_pk=event_pk, subscription_id=subscription_id, status=status,
+                             attempts_count=0, created_at=now, updated_at=now))
+    return delivery_id
+
+
+def load(sessions: sessionmaker[Session], delivery_id: str) -> tuple[Delivery, list[Attempt]]:
+    with sessions() as session:
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery is not None
+        attempts = session.scalars(select(Attempt).where(Attempt.delivery_id == delivery_id)
+                                   .order_by(Attempt.number)).all()
+        return delivery, list(attempts)
+
+
+def wait_until(sessions: sessionmaker[Session], delivery_id: str, done: Callable[[Delivery, list[Attempt]], bool],
+               timeout_s: float = 15.0) -> tuple[Delivery, list[Attempt]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        delivery, attempts = load(sessions, delivery_id)
+        if done(delivery, attempts):
+            return delivery, attempts
+        if time.monotonic() > deadline:
+            raise AssertionError(f"delivery {delivery_id} stuck at {delivery.status}, {len(attempts)} attempt(s): "
+                                 f"{[(a.number, a.status_code, a.error) for a in attempts]}")
+        time.sleep(0.05)
+
+
+def finished(status: DeliveryStatus) -> Callable[[Delivery, list[Attempt]], bool]:
+    return lambda delivery, _attempts: delivery.status == status.value
+
+
+def attempts_at_least(count: int) -> Callable[[Delivery, list[Attempt]], bool]:
+    return lambda _delivery, attempts: len(attempts) >= count
+
+
+def wait_for_log(worker: Worker, *needles: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(all(n in line for n in needles) for line in worker.log_text().splitlines()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the worker never logged a line with {needles}")
+        time.sleep(0.05)
+
+
+def stop_retrying(sessions: sessionmaker[Session], delivery_id: str) -> None:
+    """Cancel a delivery so its scheduled retry finds nothing to send (and the next test a quiet worker)."""
+    with sessions.begin() as session:
+        session.execute(update(Delivery).where(Delivery.id == delivery_id).values(status="cancelled"))
+
+
+def delayed_messages(broker_url: str) -> int:
+    """Messages waiting now in Celery's delayed-delivery queues (``celery_delayed_0..27``).
+
+    Passive declares, because ``rabbitmqctl list_queues`` shows quorum-queue counts seconds late.
+    """
+    with Connection(broker_url) as connection, connection.channel() as channel:
+        return sum(channel.queue_declare(queue=f"celery_delayed_{level}", passive=True).message_count
+                   for level in range(28))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- end to end through a real worker ---------------------------------------------------------------
+
+
+def test_delivery_arrives_signed_and_succeeds(sessions: sessionmaker[Session], enqueue: Callable[[str], None]) -> None:
+    """A delivery is POSTed once, verified by standardwebhooks, with the Standard Webhooks body, and succeeds."""
+    secret = make_secret()
+    with Receiver(secret, default=Reply(200, headers={"x-receipt": "r-1"}, body=b"thanks")) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        (received,) = receiver.wait_for(1)
+        delivery, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+
+    assert received.verified, received.error
+    assert received.webhook_id == delivery_id
+    assert received.headers["content-type"] == "application/json"
+    assert received.headers["user-agent"] == USER_AGENT
+    body = received.json()
+    assert set(body) == {"type", "timestamp", "data"}
+    assert body["type"] == "order.created" and body["data"] == {"order": 42}
+    assert delivery.attempts_count == 1 and delivery.lease_until is None and delivery.last_error is None
+    (attempt,) = attempts
+    assert (attempt.number, attempt.status_code, attempt.error) == (1, 200, None)
+    assert attempt.response_body == "thanks" and attempt.response_headers["x-receipt"] == "r-1"
+    assert attempt.duration_ms > 0
+
+
+def test_retries_keep_the_webhook_id_until_success(sessions: sessionmaker[Session],
+                                                   enqueue: Callable[[str], None]) -> None:
+    """Two 503s then a 200: three signed requests with one webhook-id, spaced by the backoff, then succeeded."""
+    secret = make_secret()
+    with Receiver(secret, script=[503, 503]) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        first, second, third = receiver.wait_for(3, timeout_s=20)
+        delivery, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+
+    assert {r.webhook_id for r in (first, second, third)} == {delivery_id}
+    assert all(r.verified for r in (first, second, third))
+    # Backoff base 0.5 s, in the broker's whole seconds: 1 s, then 1 s.
+    assert second.at - first.at >= 0.9
+    assert third.at - second.at >= 0.9
+    assert [(a.number, a.status_code) for a in attempts] == [(1, 503), (2, 503), (3, 200)]
+    assert attempts[0].error == "HTTP 503"
+    assert delivery.attempts_count == 3 and delivery.last_error is None
+
+
+def test_same_delivery_enqueued_twice_is_sent_once(sessions: sessionmaker[Session], worker: Worker,
+                                                   enqueue: Callable[[str], None]) -> None:
+    """Two tasks for one delivery, running side by side in the pool, produce exactly one request."""
+    secret = make_secret()
+    with Receiver(secret, default=Reply(200, delay_s=0.3)) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        enqueue(delivery_id)
+        wait_for_log(worker, "webhook delivery skipped", delivery_id)
+        wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+        assert len(receiver.ledger) == 1
+
+
+def test_finished_delivery_is_never_sent_again(sessions: sessionmaker[Session], worker: Worker,
+                                               enqueue: Callable[[str], None]) -> None:
+    """A task for a delivery already succeeded makes no request and changes nothing."""
+    secret = make_secret()
+    with Receiver(secret) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret, status="succeeded")
+        enqueue(delivery_id)
+        wait_for_log(worker, "webhook delivery skipped", delivery_id, "already finished")
+        assert receiver.ledger == []
+    delivery, attempts = load(sessions, delivery_id)
+    assert (delivery.status, delivery.attempts_count, attempts) == ("succeeded", 0, [])
+
+
+def test_redirect_is_a_failure_and_not_followed(sessions: sessionmaker[Session],
+                                               enqueue: Callable[[str], None]) -> None:
+    """A 302 is recorded as a failed attempt and its Location is never requested."""
+    secret = make_secret()
+    with Receiver(secret) as receiver:
+        receiver.respond(Reply(302, headers={"location": receiver.base_url + "/moved"}))
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        delivery, attempts = wait_until(sessions, delivery_id, attempts_at_least(1))
+        stop_retrying(sessions, delivery_id)
+        time.sleep(0.2)
+        assert [r.path for r in receiver.ledger] == ["/hook"]
+    assert (attempts[0].status_code, attempts[0].error) == (302, "HTTP 302")
+    assert delivery.status == "retrying" and delivery.next_attempt_at is not None
+
+
+def test_exhausted_schedule_ends_dead(sessions: sessionmaker[Session], enqueue: Callable[[str], None]) -> None:
+    """An endpoint that always fails gets webhook_max_attempts requests, each recorded, then the delivery is dead."""
+    secret = make_secret()
+    with Receiver(secret, default=Reply(500, body=b"boom")) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        delivery, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.DEAD), timeout_s=20)
+        assert len(receiver.ledger) == 3
+    assert [(a.number, a.status_code, a.response_body) for a in attempts] == [(n, 500, "boom") for n in (1, 2, 3)]
+    assert delivery.last_error == "HTTP 500" and delivery.lease_until is None and delivery.next_attempt_at is None
+
+
+def test_retry_waits_in_the_broker_and_honours_retry_after(sessions: sessionmaker[Session], broker_url: str,
+                                                          enqueue: Callable[[str], None]) -> None:
+    """A 503 with Retry-After: 2 parks the retry in RabbitMQ's delayed queues, and it arrives 2 s later (not 1 s)."""
+    secret = make_secret()
+    with Receiver(secret, script=[Reply(503, headers={"retry-after": "2"})]) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        receiver.wait_for(1)
+        wait_until(sessions, delivery_id, attempts_at_least(1))
+        assert delayed_messages(broker_url) == 1
+        first, second = receiver.wait_for(2, timeout_s=10)
+        wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+    assert second.at - first.at >= 1.9
+
+
+def test_soft_time_limit_is_a_failed_attempt(sessions: sessionmaker[Session], enqueue: Callable[[str], None]) -> None:
+    """An endpoint slower than the soft time limit costs one failed attempt, retried, not a crashed task."""
+    secret = make_secret()
+    with Receiver(secret, script=[Reply(200, delay_s=1.5)]) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        _, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+    assert [(a.status_code, a.error) for a in attempts] == [(None, "soft time limit exceeded"), (200, None)]
+
+
+def test_connection_refused_is_a_failed_attempt(sessions: sessionmaker[Session],
+                                                enqueue: Callable[[str], None]) -> None:
+    """A target with nothing listening gives a failed attempt with the connection error, scheduled for retry."""
+    delivery_id = seed(sessions, f"http://127.0.0.1:{free_port()}/hook", make_secret())
+    enqueue(delivery_id)
+    delivery, attempts = wait_until(sessions, delivery_id, attempts_at_least(1))
+    stop_retrying(sessions, delivery_id)
+    assert attempts[0].status_code is None and attempts[0].error.startswith("ConnectError")
+    assert delivery.status == "retrying"
+
+
+def test_private_target_is_refused_without_a_request(sessions: sessionmaker[Session], module_settings: Settings,
+                                                     sender: Celery, tmp_path: Path) -> None:
+    """With allow_private_targets=False a loopback URL ends dead with the SSRF reason and is never called."""
+    strict = module_settings.model_copy(update={"allow_private_targets": False})
+    secret = make_secret()
+    # A queue of its own, so the module's permissive worker cannot take the task.
+    with Receiver(secret) as receiver, Worker(strict, tmp_path / "strict-worker.log", queues=["webhooks-strict"]):
+        delivery_id = seed(sessions, receiver.url, secret)
+        sender.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks-strict")
+        delivery, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.DEAD))
+        assert receiver.ledger == []
+    assert "non-public address" in (delivery.last_error or "")
+    assert [(a.status_code, a.error) for a in attempts] == [(None, delivery.last_error)]
+
+
+# -- the store's side of the protocol ------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(store_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _record(status_code: int | None = None, error: str | None = None) -> AttemptRecord:
+    return AttemptRecord(started_at=utcnow(), duration_ms=1.0, status_code=status_code, error=error)
+
+
+def test_claim_hands_out_one_lease(store: sessionmaker[Session]) -> None:
+    """Of many concurrent claims of one delivery exactly one gets the job; the rest see the lease."""
+    delivery_id = seed(store, "http://127.0.0.1:9/hook", make_secret())
+    with ThreadPoolExecutor(8) as pool:
+        jobs = [job for job in pool.map(lambda _: deliveries.claim(store, delivery_id, 60), range(8)) if job]
+    assert len(jobs) == 1
+    assert (jobs[0].attempt, jobs[0].event_type) == (1, "order.created")
+    assert deliveries.skip_reason(store, delivery_id) is SkipReason.LEASED
+
+
+def test_claim_returns_after_the_lease_expires(store: sessionmaker[Session]) -> None:
+    """A lease left by a dead worker is taken again once it expires, with the next attempt number."""
+    delivery_id = seed(store, "http://127.0.0.1:9/hook", make_secret())
+    assert deliveries.claim(store, delivery_id, lease_s=-1) is not None
+    job = deliveries.claim(store, delivery_id, lease_s=60)
+    assert job is not None and job.attempt == 2
+
+
+def test_retrying_delivery_is_not_claimed_before_it_is_due(store: sessionmaker[Session]) -> None:
+    """After a failed attempt with next_attempt_at in a minute, an early task gets nothing."""
+    delivery_id = seed(store, "http://127.0.0.1:9/hook", make_secret())
+    job = deliveries.claim(store, delivery_id, 60)
+    assert job is not None
+    assert deliveries.record_attempt(store, job, _record(503, "HTTP 503"), DeliveryStatus.RETRYING,
+                                     next_attempt_at=utcnow() + timedelta(minutes=1))
+    assert deliveries.claim(store, delivery_id, 60) is None
+    assert deliveries.skip_reason(store, delivery_id) is SkipReason.NOT_DUE
+    delivery, attempts = load(store, delivery_id)
+    assert (delivery.status, delivery.last_error, delivery.lease_until) == ("retrying", "HTTP 503", None)
+    assert [(a.number, a.status_code) for a in attempts] == [(1, 503)]
+
+
+def test_stale_attempt_does_not_overwrite_a_newer_claim(store: sessionmaker[Session]) -> None:
+    """An attempt whose lease expired and was re-claimed is recorded but leaves the status to the new holder."""
+    delivery_id = seed(store, "http://127.0.0.1:9/hook", make_secret())
+    stale = deliveries.claim(store, delivery_id, lease_s=-1)
+    current = deliveries.claim(store, delivery_id, lease_s=60)
+    assert stale is not None and current is not None
+    assert not deliveries.record_attempt(store, stale, _record(200), DeliveryStatus.SUCCEEDED)
+    assert deliveries.record_attempt(store, current, _record(500, "HTTP 500"), DeliveryStatus.DEAD)
+    delivery, attempts = load(store, delivery_id)
+    assert delivery.status == "dead"
+    assert [a.number for a in attempts] == [1, 2]
+
+
+def test_disabled_and_deleted_subscriptions_are_not_claimed(store: sessionmaker[Session]) -> None:
+    """A disabled subscription's delivery waits untouched; a deleted one's can be cancelled."""
+    paused = seed(store, "http://127.0.0.1:9/hook", make_secret(), enabled=False)
+    assert deliveries.claim(store, paused, 60) is None
+    assert deliveries.skip_reason(store, paused) is SkipReason.SUBSCRIPTION_DISABLED
+    gone = seed(store, "http://127.0.0.1:9/hook", make_secret())
+    with store.begin() as session:
+        delivery = session.get(Delivery, gone)
+        assert delivery is not None
+        session.execute(update(Subscription).where(Subscription.id == delivery.subscription_id)
+                        .values(deleted_at=utcnow()))
+    assert deliveries.claim(store, gone, 60) is None
+    assert deliveries.skip_reason(store, gone) is SkipReason.SUBSCRIPTION_DELETED
+    assert deliveries.cancel(store, gone, "subscription deleted")
+    assert load(store, gone)[0].status == "cancelled"
+    assert load(store, paused)[0].attempts_count == 0
+
+
+def test_unknown_delivery_is_not_claimed(store: sessionmaker[Session]) -> None:
+    """An id that is not in the store gives no job and the reason 'unknown'."""
+    assert deliveries.claim(store, new_id(), 60) is None
+    assert deliveries.skip_reason(store, new_id()) is SkipReason.UNKNOWN
+
+
+# -- pure parts ------------------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_with_jitter_and_cap() -> None:
+    """Attempt n waits base * 2**(n-1) within ±20 %, never more than the cap, never under one second."""
+    rng = random.Random(7)
+    for attempt in range(1, 12):
+        for _ in range(50):
+            wait = backoff_s(attempt, base_s=5, max_s=3600, rng=rng)
+            nominal = min(5 * 2 ** (attempt - 1), 3600)
+            assert round(nominal * 0.8) <= wait <= min(round(nominal * 1.2), 3600)
+    assert backoff_s(1, base_s=0.1, max_s=10) == 1
+
+
+def _job(body: dict[str, Any]) -> DeliveryJob:
+    return DeliveryJob(delivery_id="d", attempt=1, event_id="e", event_type="order.created",
+                       event_received_at=utcnow(), event_body=orjson.dumps(body).decode(), subscription_id="s",
+                       url="http://x", secret=make_secret())
+
+
+def test_webhook_body_uses_event_time_or_receipt_time() -> None:
+    """The payload's timestamp is the event's time when it has one, else when hookgate received it."""
+    with_time = _job({"id": "e", "type": "order.created", "time": "2024-05-01T10:00:00+02:00", "data": [1]})
+    assert orjson.loads(webhook_body(with_time)) == {"type": "order.created", "timestamp": "2024-05-01T10:00:00+02:00",
+                                                     "data": [1]}
+    without = _job({"id": "e", "type": "order.created", "data_base64": "AAE="})
+    payload = orjson.loads(webhook_body(without))
+    assert payload["timestamp"] == without.event_received_at.isoformat()
+    assert payload["data"] is None and payload["data_base64"] == "AAE="
