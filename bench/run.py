@@ -50,6 +50,61 @@ class Result:
     p99_ms: float | None = None
     errors: int = 0
     note: str = ""
+    # CPU time per event of the app's processes and of RabbitMQ: where the cores went.
+    app_us: float | None = None
+    broker_us: float | None = None
+
+
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    # Fields after the command name, which may itself contain spaces and parentheses.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds used so far by a process and all of its living descendants."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(_stat(int(entry.name))[1])
+            except (OSError, IndexError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0.0
+    for pid in tree:
+        try:
+            fields = _stat(pid)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) * _TICK_S
+    return total
+
+
+def broker_pid() -> int:
+    return int(subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True, check=True).stdout)
+
+
+@contextmanager
+def cpu_meter(result_holder: list[Result], app_pids: list[int]) -> Iterator[None]:
+    """Fill in the CPU per event of ``app_pids`` (trees) and RabbitMQ for the result appended inside the block."""
+    broker = broker_pid()
+    before_app, before_broker = sum(tree_cpu_s(p) for p in app_pids), tree_cpu_s(broker)
+    started = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - started
+    result = result_holder[-1]
+    events = result.rate * elapsed
+    if events:
+        result.app_us = (sum(tree_cpu_s(p) for p in app_pids) - before_app) / events * 1e6
+        result.broker_us = (tree_cpu_s(broker) - before_broker) / events * 1e6
 
 
 def free_port() -> int:
@@ -260,18 +315,20 @@ def main() -> None:
         port = free_port()
         auth = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         with process([*hookgate, "serve", "--port", str(port), "--workers", str(args.http_workers)],
-                     env, work / "serve.log"):
+                     env, work / "serve.log") as serve:
             wait_http(f"http://127.0.0.1:{port}/readyz")
             if "ingest" in args.only:
-                results.append(wrk("hookgate ingest, single events (202 after confirm)",
-                                   f"http://127.0.0.1:{port}/v1/events", event_body(), auth, args.seconds,
-                                   args.connections))
+                with cpu_meter(results, [serve.pid]):
+                    results.append(wrk("hookgate ingest, single events (202 after confirm)",
+                                       f"http://127.0.0.1:{port}/v1/events", event_body(), auth, args.seconds,
+                                       args.connections))
                 print(results[-1], flush=True)
                 rabbitmqctl("purge_queue", "-p", vhost, "hookgate.ingest")
             if "batch" in args.only:
                 batch = b"[" + b",".join([event_body()] * args.batch_size) + b"]"
-                results.append(wrk("hookgate ingest, batches", f"http://127.0.0.1:{port}/v1/events/batch", batch,
-                                   auth, args.seconds, args.connections, args.batch_size))
+                with cpu_meter(results, [serve.pid]):
+                        results.append(wrk("hookgate ingest, batches", f"http://127.0.0.1:{port}/v1/events/batch",
+                                       batch, auth, args.seconds, args.connections, args.batch_size))
                 print(results[-1], flush=True)
                 rabbitmqctl("purge_queue", "-p", vhost, "hookgate.ingest")
             if "e2e" in args.only:
@@ -318,12 +375,16 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
     ceiling = next((r.rate for r in results if r.name.startswith("raw ceiling")), None)
     print(f"\n{args.seconds} s per phase, {args.connections} connections, {args.http_workers} HTTP worker(s), "
           f"{os.cpu_count()} cores, 1 KB events\n")
-    print(f"{'phase':58} {'per s':>9} {'vs ceiling':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  note")
+    print(f"{'phase':58} {'per s':>9} {'vs ceiling':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+          f"{'app µs/ev':>9} {'mq µs/ev':>9}  note")
+
+    def fmt(value: float | None) -> str:
+        return f"{value:.1f}" if value is not None else "-"
+
     for r in results:
         ratio = f"{r.rate / ceiling:.2f}" if ceiling else "-"
-        p50 = f"{r.p50_ms:.1f}" if r.p50_ms is not None else "-"
-        p99 = f"{r.p99_ms:.1f}" if r.p99_ms is not None else "-"
-        print(f"{r.name:58} {r.rate:9.0f} {ratio:>10} {p50:>8} {p99:>8} {r.errors:>7}  {r.note}")
+        print(f"{r.name:58} {r.rate:9.0f} {ratio:>10} {fmt(r.p50_ms):>8} {fmt(r.p99_ms):>8} {r.errors:>7} "
+              f"{fmt(r.app_us):>9} {fmt(r.broker_us):>9}  {r.note}")
 
 
 if __name__ == "__main__":
