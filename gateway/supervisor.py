@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from types import FrameType, TracebackType
+from types import FrameType
 
 import structlog
 
@@ -60,7 +60,7 @@ class _SignalPipe:
             self._previous[signum] = signal.signal(signum, _ignore)
         return self
 
-    def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *_exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(self._previous_wakeup_fd)
@@ -85,7 +85,11 @@ def _ignore(_signum: int, _frame: FrameType | None) -> None:
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has Linux send the child SIGTERM when the supervisor dies, even by SIGKILL."""
+    """A ``preexec_fn`` that has Linux send the child SIGTERM when the supervisor dies, even by SIGKILL.
+
+    SIGTERM, not SIGKILL, so that each child still stops its own children (Celery's pool, uvicorn's
+    workers). ``preexec_fn`` is unsafe only with other threads running, and the supervisor has none.
+    """
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only makes the call
