@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import make_celery
 from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
+from consumers.runtime import tune_gc
 from consumers.store.database import make_engine, make_sessionmaker
 from consumers.store.ingest import ActiveSubscription, PendingDelivery, load_active_subscriptions, persist_events
 from consumers.topology import declare_topology
@@ -236,6 +237,7 @@ async def _main(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await publisher.start()
+    tune_gc()
     try:
         await Router(settings, make_sessionmaker(engine), publisher, celery).serve(stop)
     finally:

@@ -10,6 +10,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from consumers.publisher import ConfirmingPublisher
+from consumers.runtime import tune_gc
 from consumers.store.database import make_engine, make_sessionmaker
 from consumers.topology import declare_topology
 from gateway import ingest, openapi
@@ -40,6 +41,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     )
     app.state.publisher = publisher
     await publisher.start()
+    tune_gc()
     log.info("gateway_started")
     try:
         yield
