@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime
 
 import orjson
 from sqlalchemy import select, text
@@ -13,15 +12,10 @@ from consumers.store.errors import translate_errors
 from consumers.store.models import Attempt, Delivery, Event
 from schemas.deliveries import AttemptOut, DeliveryOut, DeliveryStatus, EventDeliveries
 
-__all__ = ["AmbiguousEventError", "as_utc", "find_event", "ping"]
+__all__ = ["AmbiguousEventError", "find_event", "ping"]
 
 # How many sources an ambiguous answer lists.
 _MAX_SOURCES_SHOWN = 10
-
-
-def as_utc(value: datetime) -> datetime:
-    """Store times are UTC; SQLite hands them back naive, PostgreSQL in the session's zone. Answer in UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class AmbiguousEventError(LookupError):
@@ -59,7 +53,7 @@ def find_event(sessions: sessionmaker[Session], event_id: str, *, source: str | 
         by_delivery[attempt.delivery_id].append(
             AttemptOut(
                 number=attempt.number,
-                started_at=as_utc(attempt.started_at),
+                started_at=attempt.started_at,
                 duration_ms=attempt.duration_ms,
                 status_code=attempt.status_code,
                 error=attempt.error,
@@ -67,15 +61,15 @@ def find_event(sessions: sessionmaker[Session], event_id: str, *, source: str | 
         )
     return EventDeliveries(
         event=orjson.loads(event.body),
-        received_at=as_utc(event.received_at),
+        received_at=event.received_at,
         deliveries=[
             DeliveryOut(
                 id=d.id,
                 subscription_id=d.subscription_id,
                 status=DeliveryStatus(d.status),
                 attempts_count=d.attempts_count,
-                created_at=as_utc(d.created_at),
-                updated_at=as_utc(d.updated_at),
+                created_at=d.created_at,
+                updated_at=d.updated_at,
                 last_error=d.last_error,
                 attempts=by_delivery[d.id],
             )

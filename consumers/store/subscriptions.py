@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from consumers.store.database import utcnow
 from consumers.store.errors import translate_errors
 from consumers.store.models import Delivery, Subscription
-from consumers.store.queries import as_utc
 from schemas.deliveries import OPEN_STATUSES, DeliveryStatus
 from schemas.ids import new_id
 from schemas.subscriptions import Channel, SubscriptionCreate, SubscriptionOut, SubscriptionUpdate
@@ -40,8 +39,8 @@ def _out(row: Subscription, *, with_secret: bool) -> SubscriptionOut:
         description=row.description,
         enabled=row.enabled,
         options=dict(row.options or {}),
-        created_at=as_utc(row.created_at),
-        updated_at=as_utc(row.updated_at),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
         secret=row.secret if with_secret else None,
     )
 
