@@ -350,6 +350,8 @@ def test_claim_hands_out_one_lease(store: sessionmaker[Session]) -> None:
         jobs = [job for job in pool.map(lambda _: deliveries.claim(store, delivery_id, 60), range(8)) if job]
     assert len(jobs) == 1
     assert (jobs[0].attempt, jobs[0].event_type) == (1, "order.created")
+    # The payload's fallback timestamp must carry its zone on both engines.
+    assert jobs[0].event_received_at.utcoffset() == timedelta(0)
     assert deliveries.skip_reason(store, delivery_id) is SkipReason.LEASED
 
 

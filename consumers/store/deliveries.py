@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -73,11 +73,6 @@ class AttemptRecord:
     response_body: str | None = None
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite hands timestamps back without their zone; everything we write is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 def _scalar(column: Any, key: Any, where: Any) -> Any:
     return select(column).where(key == where).scalar_subquery().label(column.name)
 
@@ -129,7 +124,7 @@ def claim(sessions: sessionmaker[Session], delivery_id: str, lease_s: float) -> 
         return None
     return DeliveryJob(
         delivery_id=delivery_id, attempt=row.attempts_count, event_id=row.id, event_type=row.type,
-        event_received_at=_aware(row.received_at), event_body=row.body, subscription_id=row.subscription_id,
+        event_received_at=row.received_at, event_body=row.body, subscription_id=row.subscription_id,
         url=row.url, secret=row.secret,
     )
 
@@ -156,9 +151,9 @@ def skip_reason(sessions: sessionmaker[Session], delivery_id: str) -> SkipReason
         return SkipReason.SUBSCRIPTION_DISABLED
     if not row.webhook:
         return SkipReason.NOT_A_WEBHOOK
-    if row.lease_until is not None and _aware(row.lease_until) >= now:
+    if row.lease_until is not None and row.lease_until >= now:
         return SkipReason.LEASED
-    if row.next_attempt_at is not None and _aware(row.next_attempt_at) > now + _DUE_SLACK:
+    if row.next_attempt_at is not None and row.next_attempt_at > now + _DUE_SLACK:
         return SkipReason.NOT_DUE
     return SkipReason.RELEASED
 
