@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import psycopg
 import pytest
@@ -19,9 +20,10 @@ from kombu import Connection
 from receiver import Receiver, Reply, make_secret
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
-from workers import Worker
+from workers import Worker, settings_env
 
 from consumers.celery_app import make_celery
+from consumers.signing import sign
 from consumers.store import deliveries
 from consumers.store.database import make_engine, make_sessionmaker, migrate, utcnow
 from consumers.store.deliveries import AttemptRecord, DeliveryJob, SkipReason
@@ -443,3 +445,32 @@ def test_webhook_body_uses_event_time_or_receipt_time() -> None:
     payload = orjson.loads(webhook_body(without))
     assert payload["timestamp"] == without.event_received_at.isoformat()
     assert payload["data"] is None and payload["data_base64"] == "AAE="
+
+
+# -- the test helpers others rely on ----------------------------------------------------------------------
+
+
+def test_receiver_scripts_replies_and_flags_bad_signatures() -> None:
+    """The receiver answers its script then the default, and marks a request signed with another secret unverified."""
+    secret = make_secret()
+    with (
+        Receiver(secret, script=[503, Reply(302, headers={"location": "/elsewhere"})]) as receiver,
+        httpx.Client() as client,
+    ):
+        statuses = []
+        for signing_secret in (secret, secret, secret, make_secret()):
+            timestamp = int(time.time())
+            headers = {"webhook-id": "msg-1", "webhook-timestamp": str(timestamp),
+                       "webhook-signature": sign([signing_secret], "msg-1", timestamp, b"{}")}
+            statuses.append(client.post(receiver.url, content=b"{}", headers=headers).status_code)
+        ledger = receiver.wait_for(4)
+    assert statuses == [503, 302, 200, 200]
+    assert [r.verified for r in ledger] == [True, True, True, False]
+    assert "No matching signature" in (ledger[3].error or "")
+
+
+def test_settings_env_reproduces_the_settings(monkeypatch: pytest.MonkeyPatch, module_settings: Settings) -> None:
+    """The environment a Worker gets makes Settings() in that process equal to the test's settings."""
+    for name, value in settings_env(module_settings).items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == module_settings

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
+import orjson
+
 from schemas.settings import Settings
 
 __all__ = ["Worker", "settings_env"]
@@ -35,11 +37,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The ``HOOKGATE_*`` variables that give another process exactly these settings."""
     env: dict[str, str] = {}
     for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        env[f"HOOKGATE_{name.upper()}"] = str(value)
+        if value is not None:
+            # pydantic-settings reads anything that is not a plain string as JSON.
+            env[f"HOOKGATE_{name.upper()}"] = value if isinstance(value, str) else orjson.dumps(value).decode()
     return env
 
 
