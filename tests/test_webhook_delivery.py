@@ -186,7 +186,8 @@ def free_port() -> int:
 def test_delivery_arrives_signed_and_succeeds(sessions: sessionmaker[Session], enqueue: Callable[[str], None]) -> None:
     """A delivery is POSTed once, verified by standardwebhooks, with the Standard Webhooks body, and succeeds."""
     secret = make_secret()
-    with Receiver(secret, default=Reply(200, headers={"x-receipt": "r-1"}, body=b"thanks")) as receiver:
+    long_body = b"thanks" + b"." * 10_000
+    with Receiver(secret, default=Reply(200, headers={"x-receipt": "r-1"}, body=long_body)) as receiver:
         delivery_id = seed(sessions, receiver.url, secret)
         enqueue(delivery_id)
         (received,) = receiver.wait_for(1)
@@ -202,7 +203,8 @@ def test_delivery_arrives_signed_and_succeeds(sessions: sessionmaker[Session], e
     assert delivery.attempts_count == 1 and delivery.lease_until is None and delivery.last_error is None
     (attempt,) = attempts
     assert (attempt.number, attempt.status_code, attempt.error) == (1, 200, None)
-    assert attempt.response_body == "thanks" and attempt.response_headers["x-receipt"] == "r-1"
+    # Only the first 4 KiB of a response body is kept.
+    assert attempt.response_body == long_body[:4096].decode() and attempt.response_headers["x-receipt"] == "r-1"
     assert attempt.duration_ms > 0
 
 
@@ -288,8 +290,11 @@ def test_retry_waits_in_the_broker_and_honours_retry_after(sessions: sessionmake
         delivery_id = seed(sessions, receiver.url, secret)
         enqueue(delivery_id)
         receiver.wait_for(1)
-        wait_until(sessions, delivery_id, attempts_at_least(1))
-        assert delayed_messages(broker_url) == 1
+        # The retry is published just after the attempt is recorded; look while it waits its 2 s.
+        deadline = time.monotonic() + 1.5
+        while (parked := delayed_messages(broker_url)) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert parked == 1
         first, second = receiver.wait_for(2, timeout_s=10)
         wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
     assert second.at - first.at >= 1.9
@@ -313,6 +318,17 @@ def test_connection_refused_is_a_failed_attempt(sessions: sessionmaker[Session],
     delivery, attempts = wait_until(sessions, delivery_id, attempts_at_least(1))
     stop_retrying(sessions, delivery_id)
     assert attempts[0].status_code is None and attempts[0].error.startswith("ConnectError")
+    assert delivery.status == "retrying"
+
+
+def test_unresolvable_host_is_a_failed_attempt_not_a_refusal(sessions: sessionmaker[Session],
+                                                             enqueue: Callable[[str], None]) -> None:
+    """A host name that does not resolve (maybe a passing DNS failure) is retried, not marked dead."""
+    delivery_id = seed(sessions, "http://hookgate-test.invalid/hook", make_secret())
+    enqueue(delivery_id)
+    delivery, attempts = wait_until(sessions, delivery_id, attempts_at_least(1))
+    stop_retrying(sessions, delivery_id)
+    assert "does not resolve" in (attempts[0].error or "")
     assert delivery.status == "retrying"
 
 
