@@ -114,6 +114,8 @@ def claim(sessions: sessionmaker[Session], delivery_id: str, lease_s: float) -> 
     None means finished (succeeded, dead, cancelled), unknown, leased by another worker, not due
     yet (``next_attempt_at`` ahead), or its subscription is disabled or deleted. The conditional
     UPDATE is the lock: of two workers holding the same delivery id, exactly one gets a row back.
+    A manual retry or replay makes a delivery claimable again by setting it ``pending`` (or
+    ``retrying``) with ``next_attempt_at`` NULL or past and no live lease.
     """
     now = utcnow()
     params = {"p_id": delivery_id, "p_now": now, "p_due_by": now + _DUE_SLACK,

@@ -31,7 +31,7 @@ from consumers.webhook_client import WebhookClient, WebhookResponse, WebhookTran
 from schemas.deliveries import DeliveryStatus
 from schemas.settings import Settings
 
-__all__ = ["backoff_s", "deliver_webhook", "webhook_body"]
+__all__ = ["USER_AGENT", "backoff_s", "deliver_webhook", "webhook_body"]
 
 logger = structlog.get_logger(__name__)
 
