@@ -26,8 +26,10 @@ def make_celery(settings: Settings) -> Celery:
         task_default_exchange_type="topic",
         task_default_queue=topology.WEBHOOKS_QUEUE,
         task_default_queue_type="quorum",
-        task_routes={"tasks.deliver_webhook": {"queue": topology.WEBHOOKS_QUEUE,
-                                               "routing_key": topology.WEBHOOKS_QUEUE}},
+        task_routes={
+            name: {"queue": topology.WEBHOOKS_QUEUE, "routing_key": topology.WEBHOOKS_QUEUE}
+            for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks")
+        },
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",

@@ -45,8 +45,9 @@ log = structlog.get_logger(__name__)
 _TRANSIENT = (OperationalError, InterfaceError, PublishError)
 _RETRY_MAX_S = 5.0
 _CE_PREFIXES = ("cloudEvents:", "cloudEvents_")
-# Where a channel's task lives; the email and custom-task channels add theirs here.
-_CHANNEL_TASKS = {"webhook": ("tasks.deliver_webhook", topology.WEBHOOKS_QUEUE)}
+# Where a channel's task lives, which takes a list of delivery ids; the email and custom-task
+# channels add theirs here.
+_CHANNEL_TASKS = {"webhook": ("tasks.deliver_webhooks", topology.WEBHOOKS_QUEUE)}
 
 
 def decode_message(body: bytes, headers: dict[str, Any], content_type: str | None, message_id: str | None,
@@ -166,7 +167,7 @@ class Router:
         if events:
             subscriptions = await self._active_subscriptions()
             pending, duplicates = await asyncio.to_thread(persist_events, self._sessions, events, subscriptions)
-            await self._publisher.publish([self._task_message(p) for p in pending])
+            await self._publisher.publish(self._task_messages(pending))
         await _ack_through(batch[-1])
         log.info("batch_routed", messages=len(batch), events=len(events), dead_lettered=len(dead),
                  duplicates=duplicates, deliveries=len(pending))
@@ -178,11 +179,23 @@ class Router:
             self._subscriptions_at = now
         return self._subscriptions
 
-    def _task_message(self, pending: PendingDelivery) -> OutgoingMessage:
-        name, queue = _CHANNEL_TASKS[pending.subscription.channel]
+    def _task_messages(self, pending: Sequence[PendingDelivery]) -> list[OutgoingMessage]:
+        """One task per channel and up to ``webhook_batch_size`` deliveries: a task's overhead is shared."""
+        by_channel: dict[str, list[str]] = {}
+        for delivery in pending:
+            by_channel.setdefault(delivery.subscription.channel, []).append(delivery.delivery_id)
+        size = self._settings.webhook_batch_size
+        return [
+            self._task_message(channel, ids[start:start + size])
+            for channel, ids in by_channel.items()
+            for start in range(0, len(ids), size)
+        ]
+
+    def _task_message(self, channel: str, delivery_ids: list[str]) -> OutgoingMessage:
+        name, queue = _CHANNEL_TASKS[channel]
         task_id = new_id()
         # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send.
-        message = self._celery.amqp.as_task_v2(task_id, name, args=(pending.delivery_id,))
+        message = self._celery.amqp.as_task_v2(task_id, name, args=(delivery_ids,))
         return OutgoingMessage(
             exchange=topology.TASKS_EXCHANGE,
             routing_key=queue,

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
 
     # Webhook delivery.
     webhook_timeout_s: float = 10.0
+    # Deliveries the router puts in one task, and parallel sends per worker process.
+    webhook_batch_size: int = 32
+    webhook_concurrency: int = 8
     webhook_max_attempts: int = 8
     webhook_backoff_base_s: float = 5.0
     webhook_backoff_max_s: float = 3600.0

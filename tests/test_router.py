@@ -118,8 +118,8 @@ async def test_amqp_publisher_event_becomes_a_delivery_and_a_task(router: Router
     assert delivery.subscription_id == sub_id and delivery.status == "pending"
     tasks = _drain(router.settings.broker_url, task_queue(topology.WEBHOOKS_QUEUE))
     assert len(tasks) == 1
-    assert tasks[0].headers["task"] == "tasks.deliver_webhook"
-    assert orjson.loads(tasks[0].body)[0] == [delivery.id]
+    assert tasks[0].headers["task"] == "tasks.deliver_webhooks"
+    assert orjson.loads(tasks[0].body)[0] == [[delivery.id]]
 
 
 async def test_cloudevents_amqp_binary_binding(router: RouterHarness) -> None:
@@ -157,7 +157,7 @@ async def test_redelivery_after_a_crash_between_commit_and_publish_enqueues_the_
     router.publish(event.to_json(), "order.paid", content_type="application/cloudevents+json")
     await router.wait_for(lambda: bool(_peek_task_count(router)))
     tasks = _drain(router.settings.broker_url, task_queue(topology.WEBHOOKS_QUEUE))
-    assert [orjson.loads(t.body)[0] for t in tasks] == [[pending.delivery_id]]
+    assert [orjson.loads(t.body)[0] for t in tasks] == [[[pending.delivery_id]]]
     assert router.count(Delivery) == 1
 
 
@@ -195,3 +195,22 @@ async def test_garbage_is_dead_lettered_with_its_reason(router: RouterHarness, b
     assert dead[0].body == body
     assert dead[0].properties["message_id"] == "bad-1"
     assert router.count(Event) == 1
+
+
+async def test_deliveries_are_enqueued_in_batches(make_settings: Callable[..., Settings], store_url: str) -> None:
+    """Many deliveries routed together go out as tasks of at most webhook_batch_size delivery ids each."""
+    settings = make_settings(database_url=store_url, router_batch_wait_s=0.2, webhook_batch_size=4)
+    with Connection(settings.broker_url) as conn:
+        declare_topology(conn)
+        conn.default_channel.queue_purge(topology.WEBHOOKS_QUEUE)
+    async with RouterHarness(settings) as router:
+        for _ in range(5):
+            _add_subscription(router.sessions, ["order.paid"])
+        router.publish(orjson.dumps({"type": "order.paid", "source": "shop", "id": "fan-out"}), "order.paid")
+        await router.wait_for(lambda: _peek_task_count(router) >= 2)
+        tasks = _drain(settings.broker_url, task_queue(topology.WEBHOOKS_QUEUE))
+        with router.sessions() as session:
+            delivery_ids = set(session.scalars(select(Delivery.id)))
+    batches = [orjson.loads(t.body)[0][0] for t in tasks]
+    assert sorted(len(b) for b in batches) == [1, 4]
+    assert len(delivery_ids) == 5 and delivery_ids == {i for b in batches for i in b}

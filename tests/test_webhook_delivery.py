@@ -300,6 +300,27 @@ def test_retry_waits_in_the_broker_and_honours_retry_after(sessions: sessionmake
     assert second.at - first.at >= 1.9
 
 
+def test_batch_task_sends_in_parallel_and_retries_a_failure_alone(sessions: sessionmaker[Session],
+                                                                    sender: Celery, worker: Worker) -> None:
+    """`tasks.deliver_webhooks` sends its deliveries side by side; the one that failed is retried alone."""
+    secret = make_secret()
+    with Receiver(secret, default=Reply(200, delay_s=0.6)) as receiver:
+        ids = [seed(sessions, receiver.url, secret) for _ in range(4)]
+        receiver.respond(Reply(503, delay_s=0.6))
+        started = time.monotonic()
+        sender.send_task("tasks.deliver_webhooks", args=[ids], queue="webhooks")
+        first_round = receiver.wait_for(4, timeout_s=10)
+        elapsed = time.monotonic() - started
+        outcomes = [wait_until(sessions, i, finished(DeliveryStatus.SUCCEEDED)) for i in ids]
+        ledger = receiver.ledger
+    # Four sends of 0.6 s each, one after another, would take 2.4 s.
+    assert elapsed < 2.0
+    assert sorted(r.status for r in first_round) == [200, 200, 200, 503]
+    assert len(ledger) == 5
+    assert sorted(len(attempts) for _, attempts in outcomes) == [1, 1, 1, 2]
+    assert all(r.verified for r in ledger)
+
+
 def test_soft_time_limit_is_a_failed_attempt(sessions: sessionmaker[Session], enqueue: Callable[[str], None]) -> None:
     """An endpoint slower than the soft time limit costs one failed attempt, retried, not a crashed task."""
     secret = make_secret()

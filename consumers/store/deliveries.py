@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -16,7 +17,18 @@ from consumers.store.models import Attempt, Delivery, Event, Subscription
 from schemas.deliveries import OPEN_STATUSES, DeliveryStatus
 from schemas.subscriptions import Channel
 
-__all__ = ["AttemptRecord", "DeliveryJob", "SkipReason", "cancel", "claim", "record_attempt", "skip_reason"]
+__all__ = [
+    "AttemptRecord",
+    "DeliveryJob",
+    "Outcome",
+    "SkipReason",
+    "cancel",
+    "claim",
+    "claim_many",
+    "record_attempt",
+    "record_attempts",
+    "skip_reason",
+]
 
 _deliveries = Delivery.__table__
 _events = Event.__table__
@@ -73,8 +85,8 @@ class AttemptRecord:
     response_body: str | None = None
 
 
-def _scalar(column: Any, key: Any, where: Any) -> Any:
-    return select(column).where(key == where).scalar_subquery().label(column.name)
+def _scalar(column: Any, key: Any, where: Any, name: str | None = None) -> Any:
+    return select(column).where(key == where).scalar_subquery().label(name or column.name)
 
 
 # Built once and run on the session's Connection: SQLAlchemy then reuses the compiled form and skips the
@@ -84,7 +96,7 @@ def _scalar(column: Any, key: Any, where: Any) -> Any:
 _CLAIM = (
     update(_deliveries)
     .where(
-        _deliveries.c.id == bindparam("p_id"),
+        _deliveries.c.id.in_(bindparam("p_ids", expanding=True)),
         _deliveries.c.status.in_(_OPEN),
         or_(_deliveries.c.lease_until.is_(None), _deliveries.c.lease_until < bindparam("p_now")),
         or_(_deliveries.c.next_attempt_at.is_(None), _deliveries.c.next_attempt_at <= bindparam("p_due_by")),
@@ -98,37 +110,46 @@ _CLAIM = (
     .values(lease_until=bindparam("p_lease_until"), attempts_count=_deliveries.c.attempts_count + 1,
             updated_at=bindparam("p_now"))
     .returning(
+        _deliveries.c.id,
         _deliveries.c.attempts_count,
         _deliveries.c.subscription_id,
+        _scalar(_events.c.id, _events.c.pk, _deliveries.c.event_pk, "event_id"),
         *(_scalar(c, _events.c.pk, _deliveries.c.event_pk)
-          for c in (_events.c.id, _events.c.type, _events.c.received_at, _events.c.body)),
+          for c in (_events.c.type, _events.c.received_at, _events.c.body)),
         *(_scalar(c, _subscriptions.c.id, _deliveries.c.subscription_id)
           for c in (_subscriptions.c.url, _subscriptions.c.secret)),
     )
 )
 
 
-def claim(sessions: sessionmaker[Session], delivery_id: str, lease_s: float) -> DeliveryJob | None:
-    """Take the delivery for one attempt, or None if it is not ours to send now.
+def claim_many(sessions: sessionmaker[Session], delivery_ids: Sequence[str], lease_s: float) -> list[DeliveryJob]:
+    """Take each of these deliveries that is ours to send now for one attempt, in one statement.
 
-    None means finished (succeeded, dead, cancelled), unknown, leased by another worker, not due
-    yet (``next_attempt_at`` ahead), or its subscription is disabled or deleted. The conditional
-    UPDATE is the lock: of two workers holding the same delivery id, exactly one gets a row back.
-    A manual retry or replay makes a delivery claimable again by setting it ``pending`` (or
-    ``retrying``) with ``next_attempt_at`` NULL or past and no live lease.
+    A delivery is left out when it is finished (succeeded, dead, cancelled), unknown, leased by
+    another worker, not due yet (``next_attempt_at`` ahead), or its subscription is disabled or
+    deleted. The conditional UPDATE is the lock: of two workers holding the same delivery id,
+    exactly one gets its row back. A manual retry or replay makes a delivery claimable again by
+    setting it ``pending`` (or ``retrying``) with ``next_attempt_at`` NULL or past and no live lease.
     """
     now = utcnow()
-    params = {"p_id": delivery_id, "p_now": now, "p_due_by": now + _DUE_SLACK,
+    params = {"p_ids": list(delivery_ids), "p_now": now, "p_due_by": now + _DUE_SLACK,
               "p_lease_until": now + timedelta(seconds=lease_s)}
-    with translate_errors("claiming a delivery"), sessions.begin() as session:
-        row = session.connection().execute(_CLAIM, params).first()
-    if row is None:
-        return None
-    return DeliveryJob(
-        delivery_id=delivery_id, attempt=row.attempts_count, event_id=row.id, event_type=row.type,
-        event_received_at=row.received_at, event_body=row.body, subscription_id=row.subscription_id,
-        url=row.url, secret=row.secret,
-    )
+    with translate_errors("claiming deliveries"), sessions.begin() as session:
+        rows = session.connection().execute(_CLAIM, params).all()
+    return [
+        DeliveryJob(
+            delivery_id=row.id, attempt=row.attempts_count, event_id=row.event_id, event_type=row.type,
+            event_received_at=row.received_at, event_body=row.body, subscription_id=row.subscription_id,
+            url=row.url, secret=row.secret,
+        )
+        for row in rows
+    ]
+
+
+def claim(sessions: sessionmaker[Session], delivery_id: str, lease_s: float) -> DeliveryJob | None:
+    """``claim_many`` for one delivery: the job, or None if it is not ours to send now."""
+    jobs = claim_many(sessions, [delivery_id], lease_s)
+    return jobs[0] if jobs else None
 
 
 def skip_reason(sessions: sessionmaker[Session], delivery_id: str) -> SkipReason:
@@ -170,27 +191,48 @@ _SETTLE = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One attempt's result and where it leaves the delivery."""
+
+    job: DeliveryJob
+    record: AttemptRecord
+    status: DeliveryStatus
+    next_attempt_at: datetime | None = None
+
+
+def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]) -> list[bool]:
+    """Insert the attempts and move each delivery to its status, releasing leases, in one transaction.
+
+    Each flag is False when that delivery was no longer this attempt's (cancelled meanwhile, or the
+    lease expired and another worker claimed it): the attempt is still recorded, the status left alone.
+    """
+    now = utcnow()
+    attempts = [
+        {
+            "delivery_id": o.job.delivery_id, "number": o.job.attempt, "started_at": o.record.started_at,
+            "duration_ms": o.record.duration_ms, "status_code": o.record.status_code, "error": o.record.error,
+            "response_headers": o.record.response_headers, "response_body": o.record.response_body,
+        }
+        for o in outcomes
+    ]
+    with translate_errors("recording delivery attempts"), sessions.begin() as session:
+        connection = session.connection()
+        connection.execute(_INSERT_ATTEMPT, attempts)
+        return [
+            connection.execute(_SETTLE, {
+                "p_id": o.job.delivery_id, "p_attempt": o.job.attempt, "p_status": o.status.value,
+                "p_next_attempt_at": o.next_attempt_at, "p_now": now,
+                "p_error": None if o.status is DeliveryStatus.SUCCEEDED else o.record.error,
+            }).rowcount == 1
+            for o in outcomes
+        ]
+
+
 def record_attempt(sessions: sessionmaker[Session], job: DeliveryJob, record: AttemptRecord,
                    status: DeliveryStatus, *, next_attempt_at: datetime | None = None) -> bool:
-    """Insert the attempt and move the delivery to ``status``, releasing the lease, in one transaction.
-
-    Returns False when the delivery was no longer this attempt's (cancelled meanwhile, or the lease
-    expired and another worker claimed it): the attempt is still recorded, the status left alone.
-    """
-    attempt = {
-        "delivery_id": job.delivery_id, "number": job.attempt, "started_at": record.started_at,
-        "duration_ms": record.duration_ms, "status_code": record.status_code, "error": record.error,
-        "response_headers": record.response_headers, "response_body": record.response_body,
-    }
-    settle = {
-        "p_id": job.delivery_id, "p_attempt": job.attempt, "p_status": status.value,
-        "p_next_attempt_at": next_attempt_at, "p_now": utcnow(),
-        "p_error": None if status is DeliveryStatus.SUCCEEDED else record.error,
-    }
-    with translate_errors("recording a delivery attempt"), sessions.begin() as session:
-        connection = session.connection()
-        connection.execute(_INSERT_ATTEMPT, attempt)
-        return connection.execute(_SETTLE, settle).rowcount == 1
+    """``record_attempts`` for one attempt."""
+    return record_attempts(sessions, [Outcome(job, record, status, next_attempt_at)])[0]
 
 
 def cancel(sessions: sessionmaker[Session], delivery_id: str, reason: str) -> bool:
