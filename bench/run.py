@@ -278,6 +278,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--database-url", default="", help="default: a fresh SQLite file")
     parser.add_argument("--only", nargs="*", default=["ceiling", "bare", "ingest", "batch", "e2e"])
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, store) for a look")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
@@ -336,7 +337,8 @@ def main() -> None:
         print_table(results, args)
     finally:
         rabbitmqctl("delete_vhost", vhost)
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def end_to_end(args: argparse.Namespace, hookgate: list[str], env: dict[str, str], work: Path, port: int,
@@ -362,8 +364,8 @@ def end_to_end(args: argparse.Namespace, hookgate: list[str], env: dict[str, str
             (f"end to end at {args.e2e_rate:.0f} events/s offered", args.e2e_rate, args.connections),
             ("end to end, flat out", None, args.connections),
         ):
-            if ledger.exists():
-                ledger.unlink()
+            # Truncate, not unlink: the receiver keeps the file open (O_APPEND).
+            ledger.write_bytes(b"")
             accepted, errors = asyncio.run(drive(port, key, args.seconds, connections, rate))
             rows = wait_ledger(ledger, accepted, timeout_s=max(60.0, accepted / 300))
             results.append(e2e_result(name, rows, accepted, errors))

@@ -33,7 +33,8 @@ __all__ = ["BrokerUnavailable", "ConfirmingPublisher", "OutgoingMessage", "Publi
 log = structlog.get_logger(__name__)
 
 _PERSISTENT = 2
-_IDLE_POLL_S = 1.0
+# How often an idle publisher reads and sends heartbeats; well under any heartbeat interval used.
+_IDLE_POLL_S = 0.5
 _RECONNECT_MAX_S = 5.0
 
 
@@ -79,6 +80,7 @@ class ConfirmingPublisher:
         connect_timeout_s: float = 3.0,
         declare: Callable[[Connection], None] | None = None,
         name: str = "publisher",
+        heartbeat_s: float = 30.0,
     ) -> None:
         self._url = broker_url
         self._confirm_timeout_s = confirm_timeout_s
@@ -86,6 +88,8 @@ class ConfirmingPublisher:
         self._connect_timeout_s = connect_timeout_s
         self._declare = declare
         self._name = name
+        self._heartbeat_s = heartbeat_s
+        self.connections_made = 0
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -139,6 +143,7 @@ class ConfirmingPublisher:
                 backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
                 continue
             backoff_s = 0.2
+            self.connections_made += 1
             self._connected.set()
             log.info("broker_connected", publisher=self._name)
             try:
@@ -151,7 +156,7 @@ class ConfirmingPublisher:
         self._fail_waiting("the publisher is shutting down")
 
     def _connect(self) -> Connection:
-        conn = Connection(self._url, connect_timeout=self._connect_timeout_s, heartbeat=30)
+        conn = Connection(self._url, connect_timeout=self._connect_timeout_s, heartbeat=self._heartbeat_s)
         try:
             conn.connect()
             if self._declare is not None:
@@ -228,6 +233,9 @@ class ConfirmingPublisher:
         try:
             first = self._requests.get(timeout=_IDLE_POLL_S)
         except queue.Empty:
+            # Idle: read what the broker sent (its heartbeats count only once read), then send ours.
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0)
             conn.heartbeat_check()
             return None
         if first is None:

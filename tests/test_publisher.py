@@ -100,3 +100,15 @@ async def test_silent_broker_times_out_then_recovers(proxy: tuple[TcpProxy, str]
             assert time.monotonic() < deadline, "the publisher did not recover"
             await asyncio.sleep(0.2)
     await pub.close()
+
+
+async def test_idle_connection_survives_heartbeats(broker_url: str) -> None:
+    """An idle publisher keeps its connection through many heartbeat intervals and publishes on it after."""
+    _purge(broker_url)
+    pub = ConfirmingPublisher(broker_url, confirm_timeout_s=2, max_batch=8, heartbeat_s=2)
+    await pub.start()
+    assert await pub.wait_connected(10)
+    await asyncio.sleep(7)
+    await pub.publish([_event(1)])
+    assert pub.connections_made == 1
+    await pub.close()
