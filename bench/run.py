@@ -333,7 +333,7 @@ def main() -> None:
                 print(results[-1], flush=True)
                 rabbitmqctl("purge_queue", "-p", vhost, "hookgate.ingest")
             if "e2e" in args.only:
-                results.extend(end_to_end(args, hookgate, env, work, port, key))
+                results.extend(end_to_end(args, hookgate, env, work, port, key, serve.pid))
         print_table(results, args)
     finally:
         rabbitmqctl("delete_vhost", vhost)
@@ -342,7 +342,7 @@ def main() -> None:
 
 
 def end_to_end(args: argparse.Namespace, hookgate: list[str], env: dict[str, str], work: Path, port: int,
-               key: str) -> list[Result]:
+               key: str, serve_pid: int) -> list[Result]:
     results = []
     receiver_port = free_port()
     ledger = work / "ledger.txt"
@@ -350,25 +350,33 @@ def end_to_end(args: argparse.Namespace, hookgate: list[str], env: dict[str, str
     with (
         process([sys.executable, "-m", "uvicorn", "bench.receiver:app", "--port", str(receiver_port), "--http",
                  "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"],
-                receiver_env, work / "receiver.log"),
-        process([*hookgate, "router"], env, work / "router.log"),
+                receiver_env, work / "receiver.log") as receiver,
+        process([*hookgate, "router"], env, work / "router.log") as router,
         process([*hookgate, "worker", "-Q", "webhooks", "-c", str(args.webhook_concurrency)], env,
-                work / "worker.log"),
+                work / "worker.log") as worker,
     ):
+        groups = {"gateway": serve_pid, "router": router.pid, "worker": worker.pid, "receiver": receiver.pid,
+                  "rabbitmq": broker_pid()}
         time.sleep(2)
         created = httpx.post(f"http://127.0.0.1:{port}/v1/subscriptions", headers={"Authorization": f"Bearer {key}"},
                              json={"event_types": ["order.*"], "url": f"http://127.0.0.1:{receiver_port}/hook"})
         created.raise_for_status()
         time.sleep(2)  # the router's subscription cache
         for name, rate, connections in (
-            (f"end to end at {args.e2e_rate:.0f} events/s offered", args.e2e_rate, args.connections),
             ("end to end, flat out", None, args.connections),
+            (f"end to end at {args.e2e_rate:.0f} events/s offered", args.e2e_rate, args.connections),
         ):
             # Truncate, not unlink: the receiver keeps the file open (O_APPEND).
             ledger.write_bytes(b"")
+            before = {group: tree_cpu_s(pid) for group, pid in groups.items()}
             accepted, errors = asyncio.run(drive(port, key, args.seconds, connections, rate))
             rows = wait_ledger(ledger, accepted, timeout_s=max(60.0, accepted / 300))
-            results.append(e2e_result(name, rows, accepted, errors))
+            result = e2e_result(name, rows, accepted, errors)
+            if rows:
+                # Where the two cores went, per delivered event: the profile behind the figure.
+                spent = {group: (tree_cpu_s(pid) - before[group]) / len(rows) * 1e6 for group, pid in groups.items()}
+                result.note += "; CPU µs/delivery: " + ", ".join(f"{g} {us:.0f}" for g, us in spent.items())
+            results.append(result)
             print(results[-1], flush=True)
     return results
 
