@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(rabbitmq-server postgresql python3-venv python3-dev build-essential)
+PACKAGES=(rabbitmq-server postgresql python3-venv python3-dev build-essential wrk)
 PG_TEST_URL="${HOOKGATE_TEST_PG_ADMIN_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"
 HBA_MARKER="# added by hookgate scripts/setup.sh: password-less TCP for the test suite"
 
