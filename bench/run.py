@@ -279,6 +279,7 @@ def main() -> None:
     parser.add_argument("--database-url", default="", help="default: a fresh SQLite file")
     parser.add_argument("--only", nargs="*", default=["ceiling", "bare", "ingest", "batch", "e2e"])
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, store) for a look")
+    parser.add_argument("--log-level", default="WARNING", help="the processes' HOOKGATE_LOG_LEVEL (INFO costs CPU)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
@@ -294,7 +295,7 @@ def main() -> None:
     _, key = create_api_key(make_sessionmaker(engine), "bench", [Scope.ADMIN])
     engine.dispose()
     env = {**os.environ, "HOOKGATE_BROKER_URL": broker_url, "HOOKGATE_DATABASE_URL": database_url,
-           "HOOKGATE_ALLOW_PRIVATE_TARGETS": "true", "HOOKGATE_LOG_LEVEL": "WARNING",
+           "HOOKGATE_ALLOW_PRIVATE_TARGETS": "true", "HOOKGATE_LOG_LEVEL": args.log_level,
            "HOOKGATE_LOG_FORMAT": "json", "HOOKGATE_STATE_DIR": str(work)}
     hookgate = [sys.executable, "-m", "gateway.cli"]
     results: list[Result] = []
