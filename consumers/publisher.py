@@ -200,21 +200,21 @@ class ConfirmingPublisher:
             if batch is None:
                 continue
             by_key: dict[tuple[str, str], list[_Request]] = {}
-            conn.connection.frame_writer = buffered_writer
             try:
-                for request in batch:
-                    request.unsettled = len(request.messages)
-                    for message in request.messages:
-                        next_tag += 1
-                        tags[next_tag] = request
-                        by_key.setdefault((message.routing_key, message.message_id), []).append(request)
-                        channel.basic_publish(_to_amqp(message), exchange=message.exchange,
-                                              routing_key=message.routing_key, mandatory=True)
-            finally:
-                conn.connection.frame_writer = direct_writer
-            conn.connection.transport.write(frames.take())
-            deadline = time.monotonic() + self._confirm_timeout_s
-            try:
+                conn.connection.frame_writer = buffered_writer
+                try:
+                    for request in batch:
+                        request.unsettled = len(request.messages)
+                        for message in request.messages:
+                            next_tag += 1
+                            tags[next_tag] = request
+                            by_key.setdefault((message.routing_key, message.message_id), []).append(request)
+                            channel.basic_publish(_to_amqp(message), exchange=message.exchange,
+                                                  routing_key=message.routing_key, mandatory=True)
+                finally:
+                    conn.connection.frame_writer = direct_writer
+                conn.connection.transport.write(frames.take())
+                deadline = time.monotonic() + self._confirm_timeout_s
                 while tags:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -224,6 +224,7 @@ class ConfirmingPublisher:
                 self._complete(batch, returned, by_key, "the broker did not confirm in time")
                 raise PublishError("confirm timeout") from None
             except BaseException:
+                # Every request of the batch is answered, whatever broke: nobody waits for a dead connection.
                 self._complete(batch, returned, by_key, "the connection to the broker was lost")
                 raise
             self._complete(batch, returned, by_key, None)

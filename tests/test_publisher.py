@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -111,4 +112,26 @@ async def test_idle_connection_survives_heartbeats(broker_url: str) -> None:
     await asyncio.sleep(7)
     await pub.publish([_event(1)])
     assert pub.connections_made == 1
+    await pub.close()
+
+
+async def test_cut_connection_answers_every_waiting_publish(proxy: tuple[TcpProxy, str], broker_url: str) -> None:
+    """When the connection drops under load, every publish in flight returns or raises promptly; none hangs."""
+    _purge(broker_url)
+    tcp, url = proxy
+    pub = ConfirmingPublisher(url, confirm_timeout_s=5, max_batch=64, connect_timeout_s=1)
+    await pub.start()
+    assert await pub.wait_connected(10)
+
+    async def timed(n: int) -> float:
+        started = time.monotonic()
+        with contextlib.suppress(PublishError):
+            await pub.publish([_event(n)])
+        return time.monotonic() - started
+
+    pending = [asyncio.create_task(timed(n)) for n in range(300)]
+    await asyncio.sleep(0.005)
+    tcp.cut()
+    durations = await asyncio.gather(*pending)
+    assert max(durations) < 2.0
     await pub.close()
