@@ -195,7 +195,9 @@ class Router:
         name, queue = _CHANNEL_TASKS[channel]
         task_id = new_id()
         # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send.
-        message = self._celery.amqp.as_task_v2(task_id, name, args=(delivery_ids,))
+        # A delivery's outcome lives in the store: a stored Celery result per task would be a second
+        # database write (the request's ignore_result overrides the task's own).
+        message = self._celery.amqp.as_task_v2(task_id, name, args=(delivery_ids,), ignore_result=True)
         return OutgoingMessage(
             exchange=topology.TASKS_EXCHANGE,
             routing_key=queue,
