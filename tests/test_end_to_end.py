@@ -17,6 +17,7 @@ import pytest
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.v1.event import CloudEvent as LibCloudEvent
 from kombu import Connection
+from sqlalchemy import inspect, text
 
 from consumers.store.database import make_engine, make_sessionmaker
 from consumers.store.keys import create_api_key
@@ -161,6 +162,14 @@ def test_every_way_in_reaches_every_matching_receiver_once(stack: tuple[Processe
     assert {d["status"] for d in event["deliveries"]} == {"succeeded"}
     assert len(event["deliveries"]) == 2
     assert all(d["attempts"][0]["status_code"] == 200 for d in event["deliveries"])
+    # ...and only there: delivery tasks leave no Celery result behind (a second write per task).
+    engine = make_engine(procs.settings.database_url)
+    try:
+        with engine.connect() as conn:
+            if inspect(conn).has_table("celery_taskmeta"):
+                assert conn.execute(text("SELECT count(*) FROM celery_taskmeta")).scalar_one() == 0
+    finally:
+        engine.dispose()
 
 
 def test_idempotency_key_retries_deliver_once(stack: tuple[Processes, str, str]) -> None:
