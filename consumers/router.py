@@ -26,6 +26,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import make_celery
+from consumers.metrics import EVENTS_DEAD_LETTERED, EVENTS_DUPLICATE, EVENTS_ROUTED, serve_metrics
 from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from consumers.runtime import tune_gc
 from consumers.store.database import make_engine, make_sessionmaker
@@ -169,6 +170,10 @@ class Router:
             pending, duplicates = await asyncio.to_thread(persist_events, self._sessions, events, subscriptions)
             await self._publisher.publish(self._task_messages(pending))
         await _ack_through(batch[-1])
+        # Counted once acked: a batch retried after a pause is not counted twice.
+        EVENTS_ROUTED.inc(len(events) - duplicates)
+        EVENTS_DUPLICATE.inc(duplicates)
+        EVENTS_DEAD_LETTERED.inc(len(dead))
         log.info("batch_routed", messages=len(batch), events=len(events), dead_lettered=len(dead),
                  duplicates=duplicates, deliveries=len(pending))
 
@@ -210,6 +215,7 @@ class Router:
     async def _dead_letter_and_ack(self, message: AbstractIncomingMessage, reason: str) -> None:
         await self._publisher.publish([_dead_letter(message, reason)])
         await message.ack()
+        EVENTS_DEAD_LETTERED.inc()
 
 
 def _dead_letter(message: AbstractIncomingMessage, reason: str) -> OutgoingMessage:
@@ -252,6 +258,8 @@ async def _main(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await publisher.start()
+    if settings.router_metrics_port:
+        serve_metrics(settings.router_metrics_port, settings.host, "router")
     tune_gc()
     try:
         await Router(settings, make_sessionmaker(engine), publisher, celery).serve(stop)

@@ -15,8 +15,9 @@ from consumers.store.database import make_engine, make_sessionmaker
 from consumers.topology import declare_topology
 from gateway import ingest, openapi
 from gateway.auth import KeyCache
+from gateway.middleware import RequestId
 from gateway.problems import BodyLimit, exception_handlers
-from gateway.routes import events, health, subscriptions
+from gateway.routes import events, health, metrics, subscriptions
 from schemas.settings import Settings
 
 __all__ = ["create_app"]
@@ -55,9 +56,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """The gateway; ``settings`` default to the ``HOOKGATE_*`` environment. Migrations are not run here."""
     settings = settings or Settings()
     app = Starlette(
-        routes=[*ingest.routes, *events.routes, *subscriptions.routes, *health.routes, *openapi.routes],
+        routes=[*ingest.routes, *events.routes, *subscriptions.routes, *health.routes, *metrics.routes,
+                *openapi.routes],
         # Starlette's own max_body_size answers a too-long Content-Length in plain text; BodyLimit with a problem.
-        middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
+        # RequestId first, outermost: BodyLimit's 413s carry the id too.
+        middleware=[Middleware(RequestId), Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
         exception_handlers=exception_handlers(),
         lifespan=_lifespan,
     )

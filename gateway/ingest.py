@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -12,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from consumers.metrics import EVENTS_ACCEPTED, PUBLISH_CONFIRM_SECONDS
 from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from gateway.auth import Principal, authenticate
 from gateway.problems import Problem
@@ -29,6 +32,9 @@ BATCH = "application/cloudevents-batch+json"
 MAX_BATCH_EVENTS = 1000
 _MAX_IDEMPOTENCY_KEY = 256
 _CE_HEADER = "ce-"
+_ACCEPTED = EVENTS_ACCEPTED.labels(outcome="accepted")
+_REJECTED = EVENTS_ACCEPTED.labels(outcome="rejected")
+_UNAVAILABLE = EVENTS_ACCEPTED.labels(outcome="unavailable")
 
 
 def _media_type(request: Request) -> str:
@@ -74,9 +80,11 @@ def _message(event: CloudEvent) -> OutgoingMessage:
 async def _publish(request: Request, events: Sequence[CloudEvent]) -> None:
     publisher: ConfirmingPublisher = request.app.state.publisher
     settings: Settings = request.app.state.settings
+    started = time.perf_counter()
     try:
         await publisher.publish([_message(event) for event in events])
     except PublishError as exc:
+        _UNAVAILABLE.inc(len(events))
         log.warning("ingest_not_confirmed", events=len(events), error=str(exc))
         raise Problem(
             503,
@@ -85,6 +93,8 @@ async def _publish(request: Request, events: Sequence[CloudEvent]) -> None:
             title="Broker unavailable",
             headers={"Retry-After": str(settings.broker_retry_after_s)},
         ) from exc
+    PUBLISH_CONFIRM_SECONDS.observe(time.perf_counter() - started)
+    _ACCEPTED.inc(len(events))
 
 
 def _accepted(content: dict[str, Any]) -> Response:
@@ -143,7 +153,24 @@ async def post_batch(request: Request) -> Response:
     return _accepted({"ids": [event.id for event in events]})
 
 
+_Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _counting_rejections(endpoint: _Endpoint) -> _Endpoint:
+    @functools.wraps(endpoint)
+    async def counted(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except Problem as exc:
+            # Invalid requests only: a missing key is not an event refused, and a 503 is counted per event.
+            if 400 <= exc.status < 500 and exc.status not in (401, 403):
+                _REJECTED.inc()
+            raise
+
+    return counted
+
+
 routes = [
-    Route("/v1/events", post_event, methods=["POST"]),
-    Route("/v1/events/batch", post_batch, methods=["POST"]),
+    Route("/v1/events", _counting_rejections(post_event), methods=["POST"]),
+    Route("/v1/events/batch", _counting_rejections(post_batch), methods=["POST"]),
 ]

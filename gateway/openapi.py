@@ -287,6 +287,20 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": {"description": "Ready.", **_json(_ref("Status"))}, **_problems(503)},
             }
         },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics, in the text exposition format",
+                "description": "Needs a key with the `admin` scope unless the gateway runs with "
+                "`HOOKGATE_METRICS_PUBLIC=true`; listed without security, like the other probes, because "
+                "that choice is the operator's.",
+                "security": [],
+                "responses": {
+                    "200": {"description": "The metrics.", **_json({"type": "string"}, "text/plain")},
+                    **_problems(401, 403),
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",

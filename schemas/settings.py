@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     port: int = 8080
     http_workers: int = 1
 
+    # Metrics: ports of the router's and each worker's metrics server (0 = none), and whether the
+    # gateway's /metrics answers without an admin key.
+    router_metrics_port: int = 0
+    worker_metrics_port: int = 0
+    metrics_public: bool = False
+
     # Processes and logs.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "auto": JSON lines unless stderr is a terminal.

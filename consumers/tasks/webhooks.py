@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import celery_app
+from consumers.metrics import ATTEMPT_SECONDS, DELIVERIES, RETRIES_SCHEDULED
 from consumers.signing import InvalidSecretError, sign
 from consumers.ssrf import UnsafeTargetError, check_target
 from consumers.store import deliveries
@@ -44,6 +45,8 @@ _STORE_RETRY_S = 5
 # A delivery's outcome lives in the store's attempt log; writing Celery states (STARTED, SUCCESS) to the
 # result backend as well cost a second database write per task, ~40 % of a worker's CPU.
 _OUTCOME_IN_STORE: dict[str, Any] = {"ignore_result": True, "track_started": False}
+_ATTEMPT_SECONDS = ATTEMPT_SECONDS.labels(channel="webhook")
+_RETRIES_SCHEDULED = RETRIES_SCHEDULED.labels(channel="webhook")
 
 
 @dataclass(slots=True)
@@ -233,6 +236,9 @@ def _deliver(task: Task, delivery_ids: list[str]) -> list[tuple[Outcome, int | N
     retries = []
     for (outcome, retry_in_s), current in zip(results, kept, strict=True):
         job, record = outcome.job, outcome.record
+        _ATTEMPT_SECONDS.observe(record.duration_ms / 1000)
+        if current:
+            DELIVERIES.labels(channel="webhook", outcome=outcome.status.value).inc()
         log = logger.bind(delivery_id=job.delivery_id, event_id=job.event_id, subscription_id=job.subscription_id,
                           attempt=job.attempt, status_code=record.status_code)
         if not current:
@@ -243,6 +249,7 @@ def _deliver(task: Task, delivery_ids: list[str]) -> list[tuple[Outcome, int | N
             log.warning("webhook delivery dead", error=record.error)
         else:
             log.info("webhook attempt failed, retrying", error=record.error, retry_in_s=retry_in_s)
+            _RETRIES_SCHEDULED.inc()
             retries.append((outcome, retry_in_s))
     return retries
 

@@ -1,0 +1,180 @@
+"""Observability: request ids on every response and in log lines, and Prometheus metrics that move."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import orjson
+import pytest
+import structlog
+from apiclient import Gateway, assert_problem, running_gateway
+from kombu import Connection
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from test_router import RouterHarness, _add_subscription
+
+from consumers.logs import structlog_formatter
+from consumers.store.models import Delivery, Event
+from consumers.topology import declare_topology, ingest_queue
+from schemas import topology
+from schemas.keys import Scope
+from schemas.settings import Settings
+
+_EVENT = {"type": "order.paid", "source": "shop", "data": {"n": 1}}
+
+
+@pytest.fixture
+async def gateway(make_settings: Callable[..., Settings], sqlite_url: str) -> AsyncIterator[Gateway]:
+    settings = make_settings(database_url=sqlite_url, max_body_bytes=1024)
+    with Connection(settings.broker_url) as conn:
+        declare_topology(conn)
+        conn.default_channel.queue_purge(ingest_queue.name)
+    async with running_gateway(settings) as gw:
+        assert await gw.app.state.publisher.wait_connected(10)
+        yield gw
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Every log line of this test, rendered as JSON by the processor chain every hookgate process uses."""
+    saved_structlog = structlog.get_config()
+    root = logging.getLogger()
+    saved_level = root.level
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog_formatter("gateway", json=True))
+    # Loggers cached under this configuration would keep it after the test.
+    structlog.configure(cache_logger_on_first_use=False)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+        structlog.configure(**saved_structlog)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def _metrics(gateway: Gateway, headers: dict[str, str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await gateway.client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return _samples(response.text)
+
+
+def _accepted(outcome: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("hookgate_events_accepted_total", (("outcome", outcome),))
+
+
+async def test_a_given_request_id_is_echoed(gateway: Gateway) -> None:
+    """A client's X-Request-ID comes back unchanged on the response."""
+    response = await gateway.client.get("/healthz", headers={"X-Request-ID": "client-chosen id 42"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "client-chosen id 42"
+
+
+async def test_a_request_id_is_generated_when_absent_or_unfit(gateway: Gateway) -> None:
+    """Without a usable X-Request-ID (none, too long, control characters) each response gets a fresh one."""
+    ids = set()
+    for headers in ({}, {"X-Request-ID": "x" * 201}, {"X-Request-ID": "a\tb"}):
+        response = await gateway.client.get("/healthz", headers=headers)
+        ids.add(response.headers["x-request-id"])
+    assert len(ids) == 3 and all(len(i) == 36 for i in ids)
+
+
+async def test_problem_responses_carry_the_request_id(gateway: Gateway) -> None:
+    """401, 404 and both kinds of 413 (declared and chunked) are problems that carry the request id."""
+    unauthorized = await gateway.client.post("/v1/events", json=_EVENT, headers={"X-Request-ID": "r-401"})
+    assert_problem(unauthorized, 401)
+    assert unauthorized.headers["x-request-id"] == "r-401"
+    missing = await gateway.client.get("/nowhere", headers={"X-Request-ID": "r-404"})
+    assert_problem(missing, 404)
+    assert missing.headers["x-request-id"] == "r-404"
+    auth = gateway.auth(Scope.EVENTS_WRITE)
+    declared = await gateway.client.post("/v1/events", content=b"x" * 2048,
+                                         headers={**auth, "X-Request-ID": "r-413", "Content-Type": "application/json"})
+    assert_problem(declared, 413)
+    assert declared.headers["x-request-id"] == "r-413"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 512
+
+    chunked = await gateway.client.post("/v1/events", content=chunks(),
+                                        headers={**auth, "X-Request-ID": "r-413c", "Content-Type": "application/json"})
+    assert_problem(chunked, 413)
+    assert chunked.headers["x-request-id"] == "r-413c"
+
+
+async def test_log_lines_during_a_request_carry_its_id(gateway: Gateway, log_lines: io.StringIO) -> None:
+    """A line logged while serving a request (a scope refused) carries that request's id, and later lines do not."""
+    response = await gateway.client.get("/metrics", headers={**gateway.auth(Scope.EVENTS_WRITE),
+                                                             "X-Request-ID": "trace-me"})
+    assert_problem(response, 403)
+    logging.getLogger("after").info("outside any request")
+    lines = [orjson.loads(line) for line in log_lines.getvalue().splitlines()]
+    (denied,) = [line for line in lines if line["event"] == "scope_denied"]
+    assert denied["request_id"] == "trace-me" and denied["process"] == "gateway"
+    (after,) = [line for line in lines if line["event"] == "outside any request"]
+    assert "request_id" not in after and "key_id" not in after
+
+
+async def test_metrics_need_the_admin_scope(gateway: Gateway) -> None:
+    """/metrics answers 401 without a key and 403 to a key without the admin scope."""
+    assert_problem(await gateway.client.get("/metrics"), 401)
+    assert_problem(await gateway.client.get("/metrics", headers=gateway.auth(Scope.EVENTS_WRITE)), 403)
+
+
+async def test_metrics_can_be_public(make_settings: Callable[..., Settings], sqlite_url: str) -> None:
+    """With metrics_public the gateway serves /metrics without a key."""
+    async with running_gateway(make_settings(database_url=sqlite_url, metrics_public=True)) as gw:
+        assert _accepted("accepted") in await _metrics(gw, {})
+
+
+async def test_ingest_counters_and_confirm_histogram_move(gateway: Gateway) -> None:
+    """Accepted events (a batch counts each), a rejected request and the confirm latency all show on /metrics."""
+    admin = gateway.auth(Scope.ADMIN)
+    before = await _metrics(gateway, admin)
+    writer = gateway.auth(Scope.EVENTS_WRITE)
+    assert (await gateway.client.post("/v1/events", json=_EVENT, headers=writer)).status_code == 202
+    assert (await gateway.client.post("/v1/events/batch", json=[_EVENT, _EVENT], headers=writer)).status_code == 202
+    assert_problem(await gateway.client.post("/v1/events", json={"source": "no type"}, headers=writer), 422)
+    after = await _metrics(gateway, admin)
+    assert after[_accepted("accepted")] - before[_accepted("accepted")] == 3
+    assert after[_accepted("rejected")] - before[_accepted("rejected")] == 1
+    count = ("hookgate_publish_confirm_seconds_count", ())
+    assert after[count] - before[count] == 2
+    assert after[("hookgate_publish_confirm_seconds_sum", ())] > before[("hookgate_publish_confirm_seconds_sum", ())]
+
+
+def _value(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def test_router_counts_routed_duplicate_and_dead_lettered(make_settings: Callable[..., Settings],
+                                                                sqlite_url: str) -> None:
+    """Two new events, one duplicate and one message that is not an event move the router's three counters."""
+    settings = make_settings(database_url=sqlite_url, router_batch_wait_s=0.01)
+    with Connection(settings.broker_url) as conn:
+        declare_topology(conn)
+        for queue in (topology.INGEST_QUEUE, topology.DEAD_QUEUE, topology.WEBHOOKS_QUEUE):
+            conn.default_channel.queue_purge(queue)
+    names = ("hookgate_events_routed_total", "hookgate_events_duplicate_total", "hookgate_events_dead_lettered_total")
+    before = [_value(name) for name in names]
+    async with RouterHarness(settings) as router:
+        _add_subscription(router.sessions, ["order.*"])
+        for event_id in ("a", "b", "a"):
+            router.publish(orjson.dumps({**_EVENT, "id": event_id}), "order.paid")
+        router.publish(b"not json", "order.paid")
+        await router.wait_for(lambda: router.count(Event) == 2 and router.count(Delivery) == 2)
+        await router.wait_for(lambda: [_value(name) - b for name, b in zip(names, before, strict=True)] == [2, 1, 1])
