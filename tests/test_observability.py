@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 import structlog
@@ -13,9 +17,14 @@ from apiclient import Gateway, assert_problem, running_gateway
 from kombu import Connection
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from receiver import Receiver, make_secret
 from test_router import RouterHarness, _add_subscription
+from test_webhook_delivery import seed
+from workers import Worker
 
+from consumers.celery_app import make_celery
 from consumers.logs import structlog_formatter
+from consumers.store.database import make_engine, make_sessionmaker
 from consumers.store.models import Delivery, Event
 from consumers.topology import declare_topology, ingest_queue
 from schemas import topology
@@ -178,3 +187,43 @@ async def test_router_counts_routed_duplicate_and_dead_lettered(make_settings: C
         router.publish(b"not json", "order.paid")
         await router.wait_for(lambda: router.count(Event) == 2 and router.count(Delivery) == 2)
         await router.wait_for(lambda: [_value(name) - b for name, b in zip(names, before, strict=True)] == [2, 1, 1])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_prefork_worker_metrics_aggregate_its_children(make_settings: Callable[..., Settings], sqlite_url: str,
+                                                            tmp_path: Path) -> None:
+    """A prefork worker serves on its own port what its children counted: a failed attempt, a retry, a success."""
+    port = _free_port()
+    settings = make_settings(database_url=sqlite_url, worker_metrics_port=port, webhook_backoff_base_s=0.5)
+    multiproc_dir = tmp_path / "prometheus"
+    multiproc_dir.mkdir()
+    engine = make_engine(sqlite_url)
+    secret = make_secret()
+    expected = {
+        ("hookgate_deliveries_total", (("channel", "webhook"), ("outcome", "retrying"))): 1.0,
+        ("hookgate_deliveries_total", (("channel", "webhook"), ("outcome", "succeeded"))): 1.0,
+        ("hookgate_retries_scheduled_total", (("channel", "webhook"),)): 1.0,
+        ("hookgate_attempt_seconds_count", (("channel", "webhook"),)): 2.0,
+    }
+    with (
+        Receiver(secret, script=[503]) as receiver,
+        Worker(settings, tmp_path / "worker.log", extra_env={"PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir)}),
+    ):
+        delivery_id = seed(make_sessionmaker(engine), receiver.url, secret)
+        sender = make_celery(settings)
+        sender.send_task("tasks.deliver_webhooks", args=[[delivery_id]], queue=topology.WEBHOOKS_QUEUE)
+        receiver.wait_for(2)
+        async with httpx.AsyncClient() as client:
+            for _ in range(100):
+                samples = _samples((await client.get(f"http://127.0.0.1:{port}/metrics")).text)
+                if all(samples.get(key) == value for key, value in expected.items()):
+                    break
+                await asyncio.sleep(0.1)
+        sender.close()
+    engine.dispose()
+    assert {key: samples.get(key) for key in expected} == expected
