@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from receiver import Receiver, make_secret
 from test_router import RouterHarness, _add_subscription
 from test_webhook_delivery import seed
-from workers import Worker
+from workers import REPO_ROOT, Worker, settings_env
 
 from consumers.celery_app import make_celery
 from consumers.logs import structlog_formatter
@@ -227,3 +231,27 @@ async def test_prefork_worker_metrics_aggregate_its_children(make_settings: Call
         sender.close()
     engine.dispose()
     assert {key: samples.get(key) for key in expected} == expected
+
+
+def test_the_router_serves_its_metrics_on_its_port(make_settings: Callable[..., Settings], sqlite_url: str,
+                                                   tmp_path: Path) -> None:
+    """``hookgate router`` with a metrics port answers there with the router's counters."""
+    port = _free_port()
+    env = {**os.environ, **settings_env(make_settings(database_url=sqlite_url, router_metrics_port=port))}
+    with (tmp_path / "router.log").open("wb") as log:
+        router = subprocess.Popen([sys.executable, "-m", "gateway.cli", "router"], cwd=REPO_ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/metrics")
+                break
+            except httpx.ConnectError:
+                assert router.poll() is None, (tmp_path / "router.log").read_text()
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"nothing answered on port {port}")
+        assert ("hookgate_events_routed_total", ()) in _samples(response.text)
+    finally:
+        router.terminate()
+        assert router.wait(15) == 0
