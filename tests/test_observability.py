@@ -22,6 +22,11 @@ from kombu import Connection
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from receiver import Receiver, make_secret
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from test_router import RouterHarness, _add_subscription
 from test_webhook_delivery import seed
 from workers import REPO_ROOT, Worker, settings_env
@@ -31,6 +36,8 @@ from consumers.logs import structlog_formatter
 from consumers.store.database import make_engine, make_sessionmaker
 from consumers.store.models import Delivery, Event
 from consumers.topology import declare_topology, ingest_queue
+from gateway.middleware import RequestId
+from gateway.problems import exception_handlers
 from schemas import topology
 from schemas.keys import Scope
 from schemas.settings import Settings
@@ -140,6 +147,26 @@ async def test_log_lines_during_a_request_carry_its_id(gateway: Gateway, log_lin
     assert denied["request_id"] == "trace-me" and denied["process"] == "gateway"
     (after,) = [line for line in lines if line["event"] == "outside any request"]
     assert "request_id" not in after and "key_id" not in after
+
+
+async def test_an_unhandled_error_answers_500_with_the_id_and_logs_it(log_lines: io.StringIO) -> None:
+    """A route that raises gets a 500 problem with the request id, and the error's log line carries the id."""
+
+    async def boom(_request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    app = Starlette(routes=[Route("/boom", boom)], middleware=[Middleware(RequestId)],
+                    exception_handlers=exception_handlers())
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/boom", headers={"X-Request-ID": "r-500"})
+    assert_problem(response, 500)
+    assert response.headers["x-request-id"] == "r-500"
+    lines = [orjson.loads(line) for line in log_lines.getvalue().splitlines()]
+    (error,) = [line for line in lines if line["event"] == "unhandled_error"]
+    assert error["request_id"] == "r-500"
+    # The app ran in this test's context, and an error leaves the id bound for Starlette's handler.
+    structlog.contextvars.clear_contextvars()
 
 
 async def test_metrics_need_the_admin_scope(gateway: Gateway) -> None:
