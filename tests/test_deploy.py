@@ -5,20 +5,27 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import click
+import httpx
 import jsonschema
 import kubernetes_validate
+import psycopg
 import pytest
 import yaml
 
@@ -41,6 +48,7 @@ HEAVY_ENV = {"HOOKGATE_TASK_SOFT_TIME_LIMIT_S": str(HEAVY_SOFT_LIMIT_S),
 # The queues the deploy files run a worker for: the built-in ones and an example custom queue.
 DEPLOYED_QUEUES = ("webhooks", "email", "heavy", "billing")
 SETTING_NAMES = {f"HOOKGATE_{name.upper()}" for name in Settings.model_fields}
+RABBIT_HOST = os.environ.get("HOOKGATE_TEST_RABBIT_HOST", "127.0.0.1")
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -349,3 +357,109 @@ def test_deploy_files_use_only_commands_and_settings_the_code_accepts(monkeypatc
                 patch.setenv(key, value)
             Settings()  # raises on a value the processes would refuse at start
     assert env_file(SYSTEMD / "worker-heavy.env.example") == HEAVY_ENV
+
+
+def rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl")
+    assert ctl, "rabbitmqctl is needed: the process test runs against the local RabbitMQ (run scripts/setup.sh)"
+    result = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"rabbitmqctl {args[0]}: {result.stderr or result.stdout}"
+
+
+@pytest.fixture
+def deploy_broker_url() -> Iterator[str]:
+    """A vhost and a user of their own with exactly the permissions and policies of definitions.json."""
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    [permission] = [p for p in definitions["permissions"] if p["user"] == "hookgate"]
+    suffix = uuid.uuid4().hex[:12]
+    vhost, user, password = f"hookgate-deploy-{suffix}", f"hookgate-deploy-{suffix}", uuid.uuid4().hex
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("add_user", user, password)
+        rabbitmqctl("set_permissions", "-p", vhost, user, permission["configure"], permission["write"],
+                    permission["read"])
+        for policy in definitions["policies"]:
+            rabbitmqctl("set_policy", "-p", vhost, "--apply-to", policy["apply-to"], "--priority",
+                        str(policy["priority"]), policy["name"], policy["pattern"], json.dumps(policy["definition"]))
+        yield f"amqp://{user}:{password}@{RABBIT_HOST}:5672/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True, timeout=60)
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Call ``check`` until it returns true, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_processes_start_as_compose_runs_them(deploy_broker_url: str, pg_database: str, tmp_path: Path) -> None:
+    """Compose's commands and env file, under definitions.json's permissions, migrate, serve, route and work."""
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HOOKGATE_") or k.startswith("HOOKGATE_TEST_")}
+    deployed = {k: v for k, v in env_file(DEPLOY / "env.example").items() if k.startswith("HOOKGATE_")}
+    env = {**clean, **deployed,
+           # Only where the services are differs here: this machine's RabbitMQ, PostgreSQL and a free port.
+           "HOOKGATE_BROKER_URL": deploy_broker_url,
+           "HOOKGATE_DATABASE_URL": pg_database.replace("postgresql://", "postgresql+psycopg://", 1),
+           "HOOKGATE_PORT": str(port), "HOOKGATE_STATE_DIR": str(tmp_path)}
+    commands = {name: [str(BIN / "hookgate"), *svc["command"]] for name, svc in hookgate_services().items()}
+    migrated = subprocess.run(commands["migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert migrated.returncode == 0, migrated.stderr
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in ("gateway", "router", "worker-webhooks", "beat"):
+            with (tmp_path / f"{name}.log").open("wb") as log:
+                processes[name] = subprocess.Popen(commands[name], env=env, cwd=tmp_path, stdout=log,
+                                                   stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, "the gateway's /readyz")
+        created = subprocess.run([str(BIN / "hookgate"), "keys", "create", "deploy", "--scope", "admin"], env=env,
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stderr
+        headers = {"Authorization": f"Bearer {created.stdout.splitlines()[-1]}"}
+        posted = httpx.post(f"{base}/v1/events", headers=headers,
+                            json={"type": "order.created", "source": "/deploy", "data": {"order": 1}})
+        assert posted.status_code == 202, posted.text
+        event_id = posted.json()["id"]
+        wait_for(lambda: httpx.get(f"{base}/v1/events/{event_id}", headers=headers).status_code == 200,
+                 "the router to store the event")
+
+        def worker_answers() -> bool:
+            ping = subprocess.run([sys.executable, "-m", "celery", "-A", "consumers.celery_app:celery_app",
+                                   "inspect", "ping", "--timeout", "2"], env=env, cwd=DEPLOY.parent,
+                                  capture_output=True, text=True, timeout=60)
+            return ping.returncode == 0 and "pong" in ping.stdout
+
+        wait_for(worker_answers, "the webhooks worker to answer celery inspect ping")
+        exited = {name: process.poll() for name, process in processes.items() if process.poll() is not None}
+        logs = {name: (tmp_path / f"{name}.log").read_text(errors="replace") for name in processes}
+        assert exited == {}, {name: logs[name][-2000:] for name in exited}
+        # A refused permission is only logged (Celery's delayed delivery, for one, carries on without it).
+        refused = [line for text in logs.values() for line in text.splitlines()
+                   if "ACCESS_REFUSED" in line or '"level":"error"' in line or '"level":"critical"' in line]
+        assert refused == []
+    finally:
+        for process in processes.values():
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
