@@ -291,10 +291,9 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "operationId": "metrics",
                 "summary": "Prometheus metrics, in the text exposition format",
-                "description": "Needs a key with the `admin` scope unless the gateway runs with "
-                "`HOOKGATE_METRICS_PUBLIC=true`; listed without security, like the other probes, because "
-                "that choice is the operator's.",
-                "security": [],
+                "description": "Needs a key with the `admin` scope, unless the gateway runs with "
+                "`HOOKGATE_METRICS_PUBLIC=true` for a scraper inside a trusted network.",
+                "security": _AUTH,
                 "responses": {
                     "200": {"description": "The metrics.", **_json({"type": "string"}, "text/plain")},
                     **_problems(401, 403),

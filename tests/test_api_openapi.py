@@ -56,8 +56,11 @@ def test_every_route_is_documented_and_nothing_else(gateway: Gateway, document: 
     assert ("/v1/events", "post") in documented and ("/v1/events/batch", "post") in documented
 
 
+_PUBLIC_PATHS = {"/healthz", "/readyz", "/openapi.json"}
+
+
 def test_protected_operations_use_bearer_auth_and_problem_errors(document: dict[str, Any]) -> None:
-    """Every /v1 operation requires the bearer scheme and answers 401 with a problem; health probes need no key."""
+    """Every operation but the probes and this document requires the bearer scheme and answers 401 with a problem."""
     assert document["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",
@@ -67,11 +70,11 @@ def test_protected_operations_use_bearer_auth_and_problem_errors(document: dict[
     assert "application/problem+json" in problem_401["content"]
     for path, item in document["paths"].items():
         for method, operation in ((m, o) for m, o in item.items() if m in _METHODS):
-            if path.startswith("/v1/"):
+            if path in _PUBLIC_PATHS:
+                assert operation["security"] == [], (path, method)
+            else:
                 assert operation["security"] == [{"bearer": []}], (path, method)
                 assert operation["responses"]["401"] == {"$ref": "#/components/responses/Problem401"}
-            else:
-                assert operation["security"] == [], (path, method)
 
 
 def test_ingest_documents_every_accepted_form(document: dict[str, Any]) -> None:
