@@ -418,15 +418,17 @@ def test_processes_start_as_compose_runs_them(deploy_broker_url: str, pg_databas
            "HOOKGATE_BROKER_URL": deploy_broker_url,
            "HOOKGATE_DATABASE_URL": pg_database.replace("postgresql://", "postgresql+psycopg://", 1),
            "HOOKGATE_PORT": str(port), "HOOKGATE_STATE_DIR": str(tmp_path)}
-    commands = {name: [str(BIN / "hookgate"), *svc["command"]] for name, svc in hookgate_services().items()}
+    services = hookgate_services()
+    commands = {name: [str(BIN / "hookgate"), *svc["command"]] for name, svc in services.items()}
     migrated = subprocess.run(commands["migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert migrated.returncode == 0, migrated.stderr
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for name in ("gateway", "router", "worker-webhooks", "beat"):
+        for name in services.keys() - {"migrate"}:  # one of each: replicas only repeat the same command
             with (tmp_path / f"{name}.log").open("wb") as log:
-                processes[name] = subprocess.Popen(commands[name], env=env, cwd=tmp_path, stdout=log,
-                                                   stderr=subprocess.STDOUT, start_new_session=True)
+                processes[name] = subprocess.Popen(commands[name], env={**env, **services[name].get("environment", {})},
+                                                   cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                                   start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, "the gateway's /readyz")
         created = subprocess.run([str(BIN / "hookgate"), "keys", "create", "deploy", "--scope", "admin"], env=env,
@@ -440,13 +442,13 @@ def test_processes_start_as_compose_runs_them(deploy_broker_url: str, pg_databas
         wait_for(lambda: httpx.get(f"{base}/v1/events/{event_id}", headers=headers).status_code == 200,
                  "the router to store the event")
 
-        def worker_answers() -> bool:
+        def workers_answer() -> bool:
             ping = subprocess.run([sys.executable, "-m", "celery", "-A", "consumers.celery_app:celery_app",
                                    "inspect", "ping", "--timeout", "2"], env=env, cwd=DEPLOY.parent,
                                   capture_output=True, text=True, timeout=60)
-            return ping.returncode == 0 and "pong" in ping.stdout
+            return ping.returncode == 0 and ping.stdout.count("pong") == len(DEPLOYED_QUEUES)
 
-        wait_for(worker_answers, "the webhooks worker to answer celery inspect ping")
+        wait_for(workers_answer, "a worker per queue to answer celery inspect ping")
         exited = {name: process.poll() for name, process in processes.items() if process.poll() is not None}
         logs = {name: (tmp_path / f"{name}.log").read_text(errors="replace") for name in processes}
         assert exited == {}, {name: logs[name][-2000:] for name in exited}
