@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -359,32 +360,38 @@ def test_deploy_files_use_only_commands_and_settings_the_code_accepts(monkeypatc
     assert env_file(SYSTEMD / "worker-heavy.env.example") == HEAVY_ENV
 
 
-def rabbitmqctl(*args: str) -> None:
+def rabbitmqctl_output(*args: str) -> str:
     ctl = shutil.which("rabbitmqctl")
     assert ctl, "rabbitmqctl is needed: the process test runs against the local RabbitMQ (run scripts/setup.sh)"
     result = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"rabbitmqctl {args[0]}: {result.stderr or result.stdout}"
+    return result.stdout
 
 
 @pytest.fixture
 def deploy_broker_url() -> Iterator[str]:
-    """A vhost and a user of their own with exactly the permissions and policies of definitions.json."""
+    """definitions.json imported under a vhost and user name of their own; the URL has env.example's password."""
     definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
-    [permission] = [p for p in definitions["permissions"] if p["user"] == "hookgate"]
-    suffix = uuid.uuid4().hex[:12]
-    vhost, user, password = f"hookgate-deploy-{suffix}", f"hookgate-deploy-{suffix}", uuid.uuid4().hex
-    rabbitmqctl("add_vhost", vhost)
+    name = f"hookgate-deploy-{uuid.uuid4().hex[:12]}"  # the vhost's and the user's
+    for entry in (*definitions["vhosts"], *definitions["users"]):
+        entry["name"] = name
+    for entry in (*definitions["permissions"], *definitions["policies"]):
+        entry.update({key: name for key in ("user", "vhost") if key in entry})
+    # rabbitmqctl runs as the rabbitmq user, who cannot read pytest's directories (and 3.10 refuses "-").
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as renamed:
+        renamed.write(json.dumps(definitions))
+        renamed.flush()
+        os.chmod(renamed.name, 0o644)
+        rabbitmqctl_output("import_definitions", renamed.name)
     try:
-        rabbitmqctl("add_user", user, password)
-        rabbitmqctl("set_permissions", "-p", vhost, user, permission["configure"], permission["write"],
-                    permission["read"])
-        for policy in definitions["policies"]:
-            rabbitmqctl("set_policy", "-p", vhost, "--apply-to", policy["apply-to"], "--priority",
-                        str(policy["priority"]), policy["name"], policy["pattern"], json.dumps(policy["definition"]))
-        yield f"amqp://{user}:{password}@{RABBIT_HOST}:5672/{vhost}"
+        # The import may finish after the command returns.
+        wait_for(lambda: name in rabbitmqctl_output("list_permissions", "-p", name), "the definitions' import",
+                 timeout_s=15)
+        password = urlsplit(env_file(DEPLOY / "env.example")["HOOKGATE_BROKER_URL"]).password
+        yield f"amqp://{name}:{password}@{RABBIT_HOST}:5672/{name}"
     finally:
-        subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True, timeout=60)
-        rabbitmqctl("delete_vhost", vhost)
+        subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
 
 
 def free_port() -> int:
