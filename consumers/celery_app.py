@@ -48,6 +48,11 @@ def make_celery(settings: Settings) -> Celery:
         enable_utc=True,
         timezone="UTC",
     )
+    # A queue a worker is asked for that is not declared above (`hookgate worker -Q billing`) is made
+    # like the built-in ones: quorum, on the topic exchange hookgate.tasks. Celery's default, a classic
+    # queue behind a direct exchange of its own, would hold delayed retries in the worker's memory.
+    app.conf.task_create_missing_queue_type = "quorum"
+    app.amqp.autoexchange = lambda _name: tasks_exchange
     app.conf.hookgate_settings = settings
     return app
 

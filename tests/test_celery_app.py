@@ -1,0 +1,30 @@
+"""The Celery app: every queue, built in or asked for by a worker, is a quorum queue on hookgate.tasks."""
+
+from __future__ import annotations
+
+from consumers.celery_app import make_celery
+from schemas import topology
+from schemas.settings import Settings
+
+
+def test_builtin_and_missing_queues_share_the_tasks_exchange() -> None:
+    """`webhooks` and a queue only a worker names (billing) are both quorum queues bound on hookgate.tasks."""
+    app = make_celery(Settings())
+    try:
+        for name in (topology.WEBHOOKS_QUEUE, "billing"):
+            queue = app.amqp.queues[name]
+            assert queue.exchange.name == topology.TASKS_EXCHANGE and queue.exchange.type == "topic", name
+            assert queue.routing_key == name
+            assert queue.queue_arguments == {"x-queue-type": "quorum"}, name
+    finally:
+        app.close()
+
+
+def test_delivery_tasks_route_to_the_webhooks_queue() -> None:
+    """Both webhook tasks are routed to the webhooks queue by name."""
+    app = make_celery(Settings())
+    try:
+        for task in ("tasks.deliver_webhook", "tasks.deliver_webhooks"):
+            assert app.amqp.router.route({}, task)["queue"].name == topology.WEBHOOKS_QUEUE
+    finally:
+        app.close()
