@@ -26,9 +26,10 @@ def make_celery(settings: Settings) -> Celery:
         task_default_exchange_type="topic",
         task_default_queue=topology.WEBHOOKS_QUEUE,
         task_default_queue_type="quorum",
+        # By queue only: every queue is bound on hookgate.tasks by its own name, so the queue's routing
+        # key is the one to use, also when a caller names another queue.
         task_routes={
-            name: {"queue": topology.WEBHOOKS_QUEUE, "routing_key": topology.WEBHOOKS_QUEUE}
-            for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks")
+            name: {"queue": topology.WEBHOOKS_QUEUE} for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks")
         },
         task_serializer="json",
         accept_content=["json"],

@@ -28,3 +28,14 @@ def test_delivery_tasks_route_to_the_webhooks_queue() -> None:
             assert app.amqp.router.route({}, task)["queue"].name == topology.WEBHOOKS_QUEUE
     finally:
         app.close()
+
+
+def test_a_named_queue_wins_over_the_task_route() -> None:
+    """Sending a webhook task to another queue publishes with that queue's routing key, so it lands there."""
+    app = make_celery(Settings())
+    try:
+        route = app.amqp.router.route({"queue": "webhooks-strict"}, "tasks.deliver_webhook")
+        assert route["queue"].name == "webhooks-strict"
+        assert route.get("routing_key", route["queue"].routing_key) == "webhooks-strict"
+    finally:
+        app.close()
