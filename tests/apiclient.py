@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 from asgi_lifespan import LifespanManager
+from kombu import Connection
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
@@ -16,6 +17,7 @@ from starlette.applications import Starlette
 from consumers.store.database import utcnow
 from consumers.store.keys import create_api_key
 from consumers.store.models import Attempt, Base, Delivery, Event
+from consumers.topology import declare_topology, ingest_queue
 from gateway.app import create_app
 from schemas.deliveries import DeliveryStatus
 from schemas.events import CloudEvent
@@ -26,6 +28,7 @@ from schemas.settings import Settings
 __all__ = [
     "Gateway",
     "assert_problem",
+    "connected_gateway",
     "count_rows",
     "delivery_status",
     "insert_delivery",
@@ -62,6 +65,17 @@ async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
         httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url="http://hookgate.test") as client,
     ):
         yield Gateway(app, client)
+
+
+@asynccontextmanager
+async def connected_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """``running_gateway`` on an empty ingest queue, once its publisher is connected: for tests that read the queue."""
+    with Connection(settings.broker_url) as conn:
+        declare_topology(conn)
+        conn.default_channel.queue_purge(ingest_queue.name)
+    async with running_gateway(settings) as gw:
+        assert await gw.app.state.publisher.wait_connected(10)
+        yield gw
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -8,13 +8,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from apiclient import Gateway, assert_problem, running_gateway
 from sqlalchemy import Engine, event
 
 from consumers.store.keys import create_api_key, revoke_api_key
 from gateway.auth import KeyCache, Principal
 from schemas.keys import Scope
 from schemas.settings import Settings
+from tests.apiclient import Gateway, assert_problem, running_gateway
 
 # A route that needs the `subscriptions` scope and answers 200 from the store.
 GUARDED = "/v1/subscriptions"

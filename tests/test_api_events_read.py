@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from urllib.parse import quote
 
 import pytest
-from apiclient import Gateway, assert_problem, insert_delivery, insert_event, running_gateway
 
 from consumers.store.subscriptions import create_subscription
 from schemas.deliveries import DeliveryStatus
@@ -15,6 +14,7 @@ from schemas.events import CloudEvent
 from schemas.keys import Scope
 from schemas.settings import Settings
 from schemas.subscriptions import SubscriptionCreate
+from tests.apiclient import Gateway, assert_problem, insert_delivery, insert_event, running_gateway
 
 
 @pytest.fixture

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from apiclient import assert_problem, running_gateway
-
 from schemas.settings import Settings
+from tests.apiclient import assert_problem, running_gateway
 
 # Nothing listens on port 1: connecting is refused at once.
 CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1//"

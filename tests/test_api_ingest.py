@@ -12,11 +12,11 @@ from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.v1.event import CloudEvent as LibCloudEvent
 from kombu import Connection
 
-from consumers.topology import declare_topology, ingest_queue
+from consumers.topology import ingest_queue
 from gateway.ingest import MAX_BATCH_EVENTS
 from schemas.keys import Scope
 from schemas.settings import Settings
-from tests.apiclient import Gateway, assert_problem, running_gateway
+from tests.apiclient import Gateway, assert_problem, connected_gateway, running_gateway
 
 
 def _ingested(broker_url: str) -> list[dict[str, Any]]:
@@ -33,12 +33,7 @@ def _ingested(broker_url: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 async def gateway(make_settings: Callable[..., Settings], sqlite_url: str) -> AsyncIterator[Gateway]:
-    settings = make_settings(database_url=sqlite_url, max_body_bytes=64 * 1024)
-    with Connection(settings.broker_url) as conn:
-        declare_topology(conn)
-        conn.default_channel.queue_purge(ingest_queue.name)
-    async with running_gateway(settings) as gw:
-        assert await gw.app.state.publisher.wait_connected(10)
+    async with connected_gateway(make_settings(database_url=sqlite_url, max_body_bytes=64 * 1024)) as gw:
         yield gw
 
 

@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from apiclient import Gateway, running_gateway
 from openapi_spec_validator import validate
 from starlette.endpoints import HTTPEndpoint
 from starlette.routing import Route
 
 from schemas.settings import Settings
+from tests.apiclient import Gateway, running_gateway
 
 _METHODS = ("get", "post", "put", "patch", "delete")
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apiclient import Gateway, assert_problem, count_rows, running_gateway
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -18,6 +17,7 @@ from consumers.store.models import Subscription
 from gateway.problems import BodyLimit, Problem, exception_handlers, problem_response
 from schemas.keys import Scope
 from schemas.settings import Settings
+from tests.apiclient import Gateway, assert_problem, count_rows, running_gateway
 
 LIMIT = 1024
 

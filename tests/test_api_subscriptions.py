@@ -7,7 +7,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from apiclient import (
+from sqlalchemy import select
+
+from consumers.store.models import Subscription
+from schemas.deliveries import DeliveryStatus
+from schemas.events import CloudEvent
+from schemas.keys import Scope
+from schemas.settings import Settings
+from tests.apiclient import (
     Gateway,
     assert_problem,
     count_rows,
@@ -16,13 +23,6 @@ from apiclient import (
     insert_event,
     running_gateway,
 )
-from sqlalchemy import select
-
-from consumers.store.models import Subscription
-from schemas.deliveries import DeliveryStatus
-from schemas.events import CloudEvent
-from schemas.keys import Scope
-from schemas.settings import Settings
 
 # A public address needs no DNS to resolve, so it passes the SSRF guard on a machine without internet.
 PUBLIC_URL = "https://93.184.216.34/hooks/orders"

@@ -17,42 +17,37 @@ import httpx
 import orjson
 import pytest
 import structlog
-from apiclient import Gateway, assert_problem, running_gateway
 from kombu import Connection
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from receiver import Receiver, make_secret
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from test_router import RouterHarness, _add_subscription
-from test_webhook_delivery import seed
-from workers import REPO_ROOT, Worker, settings_env
 
 from consumers.celery_app import make_celery
 from consumers.logs import structlog_formatter
 from consumers.store.database import make_engine, make_sessionmaker
 from consumers.store.models import Delivery, Event
-from consumers.topology import declare_topology, ingest_queue
+from consumers.topology import declare_topology
 from gateway.middleware import RequestId
 from gateway.problems import exception_handlers
 from schemas import topology
 from schemas.keys import Scope
 from schemas.settings import Settings
+from tests.apiclient import Gateway, assert_problem, connected_gateway, running_gateway
+from tests.receiver import Receiver, make_secret
+from tests.test_router import RouterHarness, _add_subscription
+from tests.test_webhook_delivery import seed
+from tests.workers import REPO_ROOT, Worker, settings_env
 
 _EVENT = {"type": "order.paid", "source": "shop", "data": {"n": 1}}
 
 
 @pytest.fixture
 async def gateway(make_settings: Callable[..., Settings], sqlite_url: str) -> AsyncIterator[Gateway]:
-    settings = make_settings(database_url=sqlite_url, max_body_bytes=1024)
-    with Connection(settings.broker_url) as conn:
-        declare_topology(conn)
-        conn.default_channel.queue_purge(ingest_queue.name)
-    async with running_gateway(settings) as gw:
-        assert await gw.app.state.publisher.wait_connected(10)
+    async with connected_gateway(make_settings(database_url=sqlite_url, max_body_bytes=1024)) as gw:
         yield gw
 
 

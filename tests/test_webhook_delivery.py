@@ -17,10 +17,8 @@ import psycopg
 import pytest
 from celery import Celery
 from kombu import Connection
-from receiver import Receiver, Reply, make_secret
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
-from workers import Worker, settings_env
 
 from consumers.celery_app import make_celery
 from consumers.signing import sign
@@ -33,6 +31,8 @@ from schemas.deliveries import DeliveryStatus
 from schemas.events import CloudEvent
 from schemas.ids import new_id
 from schemas.settings import Settings
+from tests.receiver import Receiver, Reply, make_secret
+from tests.workers import Worker, settings_env
 
 # One worker per store serves most tests; these settings keep retries and time limits short.
 FAST_RETRIES = {
