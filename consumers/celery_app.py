@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
+
+import structlog
+from celery import Celery, Task
+from celery.signals import task_postrun, task_prerun
 
 from consumers.topology import task_queue, tasks_exchange
 from schemas import topology
@@ -56,6 +60,17 @@ def make_celery(settings: Settings) -> Celery:
     app.amqp.autoexchange = lambda _name: tasks_exchange
     app.conf.hookgate_settings = settings
     return app
+
+
+@task_prerun.connect
+def _bind_task_to_logs(task_id: str, task: Task, **_: Any) -> None:
+    """Every log line a task writes carries its id and name, whatever module writes it."""
+    structlog.contextvars.bind_contextvars(task_id=task_id, task=task.name)
+
+
+@task_postrun.connect
+def _unbind_task_from_logs(**_: Any) -> None:
+    structlog.contextvars.unbind_contextvars("task_id", "task")
 
 
 celery_app = make_celery(Settings())

@@ -277,3 +277,22 @@ def test_the_router_serves_its_metrics_on_its_port(make_settings: Callable[..., 
     finally:
         router.terminate()
         assert router.wait(15) == 0
+
+
+def test_task_log_lines_carry_the_task_id(log_lines: io.StringIO) -> None:
+    """A log line written inside a Celery task carries that task's id and name; one written after it does not."""
+    app = make_celery(Settings())
+    app.conf.task_always_eager = True
+    log = structlog.get_logger("tests.task")
+
+    @app.task(name="tests.log_something")
+    def log_something() -> None:
+        log.info("inside_task")
+
+    result = log_something.apply()
+    log.info("after_task")
+    app.close()
+    lines = {line["event"]: line for line in map(orjson.loads, log_lines.getvalue().splitlines())}
+    assert lines["inside_task"]["task_id"] == result.id
+    assert lines["inside_task"]["task"] == "tests.log_something"
+    assert "task_id" not in lines["after_task"]
