@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from schemas.retries import DEFAULT_RETRY_SCHEDULE, validate_retry_schedule
 
 
 class Settings(BaseSettings):
@@ -38,9 +40,10 @@ class Settings(BaseSettings):
     # Deliveries the router puts in one task, and parallel sends per worker process.
     webhook_batch_size: int = 32
     webhook_concurrency: int = 8
-    webhook_max_attempts: int = 8
-    webhook_backoff_base_s: float = 5.0
-    webhook_backoff_max_s: float = 3600.0
+    # Delays before each attempt in seconds, comma-separated in the environment (HOOKGATE_RETRY_SCHEDULE).
+    retry_schedule: Annotated[tuple[float, ...], NoDecode] = DEFAULT_RETRY_SCHEDULE
+    # The longest wait a receiver's Retry-After may impose.
+    retry_after_max_s: float = 36000.0
     task_soft_time_limit_s: int = 60
     task_time_limit_s: int = 90
 
@@ -63,6 +66,19 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=Path.cwd)
     # How long `hookgate up` waits for its children to stop before killing them.
     shutdown_timeout_s: float = 30.0
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # "0,5,300" as documented; a JSON list as well, which is how settings are handed to child processes.
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.strip().strip("[]").split(",") if part.strip())
+        return value
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        return validate_retry_schedule(value)
 
     @property
     def celery_result_backend(self) -> str:

@@ -73,7 +73,7 @@ def stack(make_settings: Callable[..., Settings], store_url: str,
     """Gateway, router and webhook worker on this module's vhost and a fresh store; yields (procs, url, key)."""
     port = _free_port()
     settings = make_settings(database_url=store_url, port=port, router_batch_wait_s=0.01,
-                             webhook_backoff_base_s=1.0)
+                             retry_schedule=(0, 1, 2, 4, 8, 16, 32, 64))
     with Connection(settings.broker_url) as conn:
         declare_topology(conn)
         for queue in (topology.INGEST_QUEUE, topology.WEBHOOKS_QUEUE):

@@ -225,7 +225,7 @@ async def test_prefork_worker_metrics_aggregate_its_children(make_settings: Call
                                                             tmp_path: Path) -> None:
     """A prefork worker serves on its own port what its children counted: a failed attempt, a retry, a success."""
     port = _free_port()
-    settings = make_settings(database_url=sqlite_url, worker_metrics_port=port, webhook_backoff_base_s=0.5)
+    settings = make_settings(database_url=sqlite_url, worker_metrics_port=port, retry_schedule=(0, 1, 1))
     multiproc_dir = tmp_path / "prometheus"
     multiproc_dir.mkdir()
     engine = make_engine(sqlite_url)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from consumers.store import deliveries
 from consumers.store.database import make_engine, make_sessionmaker, migrate, utcnow
 from consumers.store.deliveries import AttemptRecord, DeliveryJob, SkipReason
 from consumers.store.models import Attempt, Delivery, Event, Subscription
-from consumers.tasks.webhooks import USER_AGENT, backoff_s, webhook_body
+from consumers.tasks.webhooks import USER_AGENT, webhook_body
 from schemas.deliveries import DeliveryStatus
 from schemas.events import CloudEvent
 from schemas.ids import new_id
@@ -36,9 +35,7 @@ from tests.workers import Worker, settings_env
 
 # One worker per store serves most tests; these settings keep retries and time limits short.
 FAST_RETRIES = {
-    "webhook_max_attempts": 3,
-    "webhook_backoff_base_s": 0.5,
-    "webhook_backoff_max_s": 8.0,
+    "retry_schedule": (0, 1, 1),
     "webhook_timeout_s": 5.0,
     "task_soft_time_limit_s": 1,
     "task_time_limit_s": 10,
@@ -271,7 +268,7 @@ def test_redirect_is_a_failure_and_not_followed(sessions: sessionmaker[Session],
 
 
 def test_exhausted_schedule_ends_dead(sessions: sessionmaker[Session], enqueue: Callable[[str], None]) -> None:
-    """An endpoint that always fails gets webhook_max_attempts requests, each recorded, then the delivery is dead."""
+    """An endpoint that always fails gets one request per step of its schedule, each recorded, then it is dead."""
     secret = make_secret()
     with Receiver(secret, default=Reply(500, body=b"boom")) as receiver:
         delivery_id = seed(sessions, receiver.url, secret)
@@ -456,21 +453,11 @@ def test_unknown_delivery_is_not_claimed(store: sessionmaker[Session]) -> None:
 # -- pure parts ------------------------------------------------------------------------------------------
 
 
-def test_backoff_doubles_with_jitter_and_cap() -> None:
-    """Attempt n waits base * 2**(n-1) within ±20 %, never more than the cap, never under one second."""
-    rng = random.Random(7)
-    for attempt in range(1, 12):
-        for _ in range(50):
-            wait = backoff_s(attempt, base_s=5, max_s=3600, rng=rng)
-            nominal = min(5 * 2 ** (attempt - 1), 3600)
-            assert round(nominal * 0.8) <= wait <= min(round(nominal * 1.2), 3600)
-    assert backoff_s(1, base_s=0.1, max_s=10) == 1
-
-
 def _job(body: dict[str, Any]) -> DeliveryJob:
     return DeliveryJob(delivery_id="d", attempt=1, event_id="e", event_type="order.created",
                        event_received_at=utcnow(), event_body=orjson.dumps(body).decode(), subscription_id="s",
-                       url="http://x", secret=make_secret())
+                       url="http://x", secret=make_secret(), previous_secret=None, previous_secret_expires_at=None,
+                       payload_format="standard-webhooks", retry_schedule=None, schedule_attempt=1)
 
 
 def test_webhook_body_uses_event_time_or_receipt_time() -> None:

@@ -71,6 +71,14 @@ class DeliveryJob:
     subscription_id: str
     url: str
     secret: str
+    # The secret before a rotation while its grace period lasts: requests are signed with both.
+    previous_secret: str | None
+    previous_secret_expires_at: datetime | None
+    payload_format: str
+    # The subscription's own retry delays, if it has them, and the attempt number at which the
+    # schedule last started over (a manual retry or recover resets it).
+    retry_schedule: tuple[float, ...] | None
+    schedule_attempt: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +120,15 @@ _CLAIM = (
     .returning(
         _deliveries.c.id,
         _deliveries.c.attempts_count,
+        _deliveries.c.attempts_base,
         _deliveries.c.subscription_id,
         _scalar(_events.c.id, _events.c.pk, _deliveries.c.event_pk, "event_id"),
         *(_scalar(c, _events.c.pk, _deliveries.c.event_pk)
           for c in (_events.c.type, _events.c.received_at, _events.c.body)),
         *(_scalar(c, _subscriptions.c.id, _deliveries.c.subscription_id)
-          for c in (_subscriptions.c.url, _subscriptions.c.secret)),
+          for c in (_subscriptions.c.url, _subscriptions.c.secret, _subscriptions.c.previous_secret,
+                    _subscriptions.c.previous_secret_expires_at, _subscriptions.c.payload_format,
+                    _subscriptions.c.retry_schedule)),
     )
 )
 
@@ -140,7 +151,10 @@ def claim_many(sessions: sessionmaker[Session], delivery_ids: Sequence[str], lea
         DeliveryJob(
             delivery_id=row.id, attempt=row.attempts_count, event_id=row.event_id, event_type=row.type,
             event_received_at=row.received_at, event_body=row.body, subscription_id=row.subscription_id,
-            url=row.url, secret=row.secret,
+            url=row.url, secret=row.secret, previous_secret=row.previous_secret,
+            previous_secret_expires_at=row.previous_secret_expires_at, payload_format=row.payload_format,
+            retry_schedule=tuple(row.retry_schedule) if row.retry_schedule else None,
+            schedule_attempt=row.attempts_count - row.attempts_base,
         )
         for row in rows
     ]
@@ -182,6 +196,11 @@ def skip_reason(sessions: sessionmaker[Session], delivery_id: str) -> SkipReason
 
 
 _INSERT_ATTEMPT = insert(_attempts)
+_DISABLE = (
+    update(_subscriptions)
+    .where(_subscriptions.c.id == bindparam("p_id"), _subscriptions.c.enabled.is_(True))
+    .values(enabled=False, disabled_reason=bindparam("p_reason"), updated_at=bindparam("p_now"))
+)
 _SETTLE = (
     update(_deliveries)
     .where(_deliveries.c.id == bindparam("p_id"), _deliveries.c.status.in_(_OPEN),
@@ -199,6 +218,8 @@ class Outcome:
     record: AttemptRecord
     status: DeliveryStatus
     next_attempt_at: datetime | None = None
+    # The endpoint answered 410 Gone: its subscription is disabled in the same transaction.
+    disable_subscription: bool = False
 
 
 def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]) -> list[bool]:
@@ -219,6 +240,10 @@ def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]
     with translate_errors("recording delivery attempts"), sessions.begin() as session:
         connection = session.connection()
         connection.execute(_INSERT_ATTEMPT, attempts)
+        for o in outcomes:
+            if o.disable_subscription:
+                connection.execute(_DISABLE, {"p_id": o.job.subscription_id, "p_now": now,
+                                              "p_reason": f"the endpoint answered {o.record.error or 'HTTP 410'}"})
         return [
             connection.execute(_SETTLE, {
                 "p_id": o.job.delivery_id, "p_attempt": o.job.attempt, "p_status": o.status.value,

@@ -19,7 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ApiKey", "Attempt", "Base", "Delivery", "Event", "Subscription", "UTCDateTime"]
+__all__ = ["ApiKey", "Attempt", "Base", "Delivery", "EndpointHealth", "Event", "Subscription", "UTCDateTime"]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -62,6 +62,16 @@ class Subscription(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     enabled: Mapped[bool] = mapped_column(default=True)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Delays in seconds before each attempt; None means the global HOOKGATE_RETRY_SCHEDULE.
+    retry_schedule: Mapped[list[float] | None] = mapped_column(JSON)
+    payload_format: Mapped[str] = mapped_column(String(32), default="standard-webhooks",
+                                                server_default="standard-webhooks")
+    rate_limit_per_s: Mapped[float | None]
+    max_in_flight: Mapped[int | None]
+    # The secret before the last rotation, still signing beside the new one until it expires.
+    previous_secret: Mapped[str | None] = mapped_column(String(200))
+    previous_secret_expires_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
     owner_key_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
@@ -90,6 +100,9 @@ class Delivery(Base):
         UniqueConstraint("event_pk", "subscription_id", name="uq_deliveries_event_subscription"),
         Index("ix_deliveries_status_next", "status", "next_attempt_at"),
         Index("ix_deliveries_subscription", "subscription_id", "id"),
+        # In-flight counts per endpoint: only leased rows have a lease_until ahead of now.
+        Index("ix_deliveries_subscription_lease", "subscription_id", "lease_until"),
+        Index("ix_deliveries_subscription_held", "subscription_id", "held_since"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -97,11 +110,39 @@ class Delivery(Base):
     subscription_id: Mapped[str] = mapped_column(ForeignKey("subscriptions.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(16))
     attempts_count: Mapped[int] = mapped_column(Integer, default=0)
+    # attempts_count when the retry schedule last started over (a manual retry or recover).
+    attempts_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # A worker holds a delivery while it sends; another worker may take it only once this has passed.
     lease_until: Mapped[datetime | None]
     next_attempt_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Set while the delivery waits on its endpoint (breaker open, or its in-flight limit reached) with no
+    # message in the broker; the endpoint's release re-enqueues it.
+    held_since: Mapped[datetime | None]
     created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class EndpointHealth(Base):
+    """One row per subscription that has been sent to: its circuit breaker and rate-limit clock."""
+
+    __tablename__ = "endpoint_health"
+
+    subscription_id: Mapped[str] = mapped_column(ForeignKey("subscriptions.id", ondelete="CASCADE"),
+                                                 primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="closed")
+    window_started_at: Mapped[datetime]
+    window_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    window_failures: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime | None]
+    # While open: when the next probe may go, and the lease of the probe in flight.
+    next_probe_at: Mapped[datetime | None]
+    probe_until: Mapped[datetime | None]
+    probe_interval_s: Mapped[float] = mapped_column(default=0.0)
+    failing_since: Mapped[datetime | None]
+    last_success_at: Mapped[datetime | None]
+    # The rate limiter's theoretical arrival time (GCRA): the next free send slot.
+    rate_tat: Mapped[datetime | None]
     updated_at: Mapped[datetime]
 
 

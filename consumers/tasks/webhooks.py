@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import random
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, timedelta
-from email.utils import parsedate_to_datetime
+from datetime import timedelta
 from importlib.metadata import version
 from typing import Any
 
@@ -24,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import celery_app
 from consumers.metrics import ATTEMPT_SECONDS, DELIVERIES, RETRIES_SCHEDULED
+from consumers.retry_policy import RetryPolicy, parse_retry_after
 from consumers.signing import InvalidSecretError, sign
 from consumers.ssrf import UnsafeTargetError, check_target
 from consumers.store import deliveries
@@ -34,7 +33,7 @@ from consumers.webhook_client import WebhookClient, WebhookResponse, WebhookTran
 from schemas.deliveries import DeliveryStatus
 from schemas.settings import Settings
 
-__all__ = ["USER_AGENT", "backoff_s", "deliver_webhook", "deliver_webhooks", "webhook_body"]
+__all__ = ["USER_AGENT", "deliver_webhook", "deliver_webhooks", "webhook_body"]
 
 logger = structlog.get_logger(__name__)
 
@@ -46,6 +45,9 @@ _STORE_RETRY_S = 5
 # result backend as well cost a second database write per task, ~40 % of a worker's CPU.
 _OUTCOME_IN_STORE: dict[str, Any] = {"ignore_result": True, "track_started": False}
 _ATTEMPT_SECONDS = ATTEMPT_SECONDS.labels(channel="webhook")
+# Answers on which a receiver may ask, with Retry-After, for a later retry.
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+_GONE = 410
 _RETRIES_SCHEDULED = RETRIES_SCHEDULED.labels(channel="webhook")
 
 
@@ -95,30 +97,6 @@ def _close_process_resources(**_: Any) -> None:
             client.close()
         _resources.engine.dispose()
     _resources = None
-
-
-def backoff_s(attempt: int, *, base_s: float, max_s: float, rng: random.Random | None = None) -> int:
-    """Seconds to wait after failed ``attempt`` (1-based): base * 2**(attempt - 1) +-20 %, capped.
-
-    Whole seconds, at least one: the broker's delayed delivery counts in seconds.
-    """
-    # The module's generator, not one of our own: Python reseeds it in each forked child.
-    uniform = rng.uniform if rng is not None else random.uniform
-    delay = min(base_s * 2 ** (attempt - 1), max_s) * uniform(0.8, 1.2)
-    return max(1, round(min(delay, max_s)))
-
-
-def _retry_after_s(headers: dict[str, str]) -> float | None:
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return (when.astimezone(UTC) - utcnow()).total_seconds() if when.tzinfo else None
 
 
 def webhook_body(job: DeliveryJob) -> bytes:
@@ -173,12 +151,15 @@ def _attempt(client: WebhookClient, job: DeliveryJob, settings: Settings) -> tup
         record, response = AttemptRecord(utcnow(), 0.0, error=str(exc)), None
     if response is not None and response.ok:
         return Outcome(job, record, DeliveryStatus.SUCCEEDED), None
-    if job.attempt >= settings.webhook_max_attempts:
+    if response is not None and response.status_code == _GONE:
+        return Outcome(job, record, DeliveryStatus.DEAD, disable_subscription=True), None
+    retry_after = None
+    if response is not None and response.status_code in _RETRY_AFTER_STATUSES:
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+    policy = RetryPolicy.from_settings(settings).with_schedule(job.retry_schedule)
+    countdown = policy.delay_after(job.schedule_attempt, retry_after_s=retry_after)
+    if countdown is None:
         return Outcome(job, record, DeliveryStatus.DEAD), None
-    countdown = backoff_s(job.attempt, base_s=settings.webhook_backoff_base_s, max_s=settings.webhook_backoff_max_s)
-    retry_after = _retry_after_s(response.headers) if response is not None else None
-    if retry_after is not None:
-        countdown = max(countdown, min(round(retry_after), int(settings.webhook_backoff_max_s)))
     return Outcome(job, record, DeliveryStatus.RETRYING, utcnow() + timedelta(seconds=countdown)), countdown
 
 
@@ -259,7 +240,7 @@ def deliver_webhook(self: Task, delivery_id: str) -> None:
     """Make one attempt at one delivery; a failure that may pass schedules the next through the broker.
 
     The store, not Celery's retry counter, decides: ``claim`` lets only one worker send, and the
-    attempt number it hands out is checked against ``webhook_max_attempts``.
+    attempt number it hands out is checked against the retry schedule.
     """
     for _, retry_in_s in _deliver(self, [delivery_id]):
         raise self.retry(countdown=retry_in_s)
