@@ -26,6 +26,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import make_celery
+from consumers.channels import delivery_task_messages, task_queues
 from consumers.metrics import EVENTS_DEAD_LETTERED, EVENTS_DUPLICATE, EVENTS_ROUTED, serve_metrics
 from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from consumers.runtime import tune_gc
@@ -46,9 +47,6 @@ log = structlog.get_logger(__name__)
 _TRANSIENT = (OperationalError, InterfaceError, PublishError)
 _RETRY_MAX_S = 5.0
 _CE_PREFIXES = ("cloudEvents:", "cloudEvents_")
-# Where a channel's task lives, which takes a list of delivery ids; the email and custom-task
-# channels add theirs here.
-_CHANNEL_TASKS = {"webhook": ("tasks.deliver_webhooks", topology.WEBHOOKS_QUEUE)}
 
 
 def decode_message(body: bytes, headers: dict[str, Any], content_type: str | None, message_id: str | None,
@@ -185,32 +183,14 @@ class Router:
         return self._subscriptions
 
     def _task_messages(self, pending: Sequence[PendingDelivery]) -> list[OutgoingMessage]:
-        """One task per channel and up to ``webhook_batch_size`` deliveries: a task's overhead is shared."""
         by_channel: dict[str, list[str]] = {}
         for delivery in pending:
             by_channel.setdefault(delivery.subscription.channel, []).append(delivery.delivery_id)
-        size = self._settings.webhook_batch_size
         return [
-            self._task_message(channel, ids[start:start + size])
+            message
             for channel, ids in by_channel.items()
-            for start in range(0, len(ids), size)
+            for message in delivery_task_messages(self._celery, channel, ids, self._settings.webhook_batch_size)
         ]
-
-    def _task_message(self, channel: str, delivery_ids: list[str]) -> OutgoingMessage:
-        name, queue = _CHANNEL_TASKS[channel]
-        task_id = new_id()
-        # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send.
-        # A delivery's outcome lives in the store: a stored Celery result per task would be a second
-        # database write (the request's ignore_result overrides the task's own).
-        message = self._celery.amqp.as_task_v2(task_id, name, args=(delivery_ids,), ignore_result=True)
-        return OutgoingMessage(
-            exchange=topology.TASKS_EXCHANGE,
-            routing_key=queue,
-            body=orjson.dumps(message.body),
-            message_id=task_id,
-            headers=message.headers,
-            properties={"correlation_id": task_id, "content_encoding": "utf-8"},
-        )
 
     async def _dead_letter_and_ack(self, message: AbstractIncomingMessage, reason: str) -> None:
         await self._publisher.publish([_dead_letter(message, reason)])
@@ -245,12 +225,11 @@ async def _ack_through(last: AbstractIncomingMessage) -> None:
 async def _main(settings: Settings) -> None:
     engine = make_engine(settings.database_url)
     celery = make_celery(settings)
-    task_queues = tuple(dict.fromkeys(queue for _, queue in _CHANNEL_TASKS.values()))
     publisher = ConfirmingPublisher(
         settings.broker_url,
         confirm_timeout_s=settings.publish_timeout_s,
         max_batch=settings.publish_max_batch,
-        declare=lambda conn: declare_topology(conn, task_queues),
+        declare=lambda conn: declare_topology(conn, task_queues()),
         name="router-publisher",
     )
     stop = asyncio.Event()

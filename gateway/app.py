@@ -9,6 +9,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from consumers.celery_app import make_celery
 from consumers.publisher import ConfirmingPublisher
 from consumers.runtime import tune_gc
 from consumers.store.database import make_engine, make_sessionmaker
@@ -17,7 +18,7 @@ from gateway import ingest, openapi
 from gateway.auth import KeyCache
 from gateway.middleware import RequestId
 from gateway.problems import BodyLimit, exception_handlers
-from gateway.routes import events, health, metrics, subscriptions
+from gateway.routes import deliveries, events, health, metrics, subscriptions
 from schemas.settings import Settings
 
 __all__ = ["create_app"]
@@ -56,8 +57,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """The gateway; ``settings`` default to the ``HOOKGATE_*`` environment. Migrations are not run here."""
     settings = settings or Settings()
     app = Starlette(
-        routes=[*ingest.routes, *events.routes, *subscriptions.routes, *health.routes, *metrics.routes,
-                *openapi.routes],
+        routes=[*ingest.routes, *events.routes, *subscriptions.routes, *deliveries.routes, *health.routes,
+                *metrics.routes, *openapi.routes],
         # Starlette's own max_body_size answers a too-long Content-Length in plain text; BodyLimit with a problem.
         # RequestId first, outermost: BodyLimit's 413s carry the id too.
         middleware=[Middleware(RequestId), Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
@@ -65,4 +66,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    # Builds the task messages of manual retries; it never connects.
+    app.state.celery = make_celery(settings)
     return app

@@ -14,7 +14,14 @@ from starlette.routing import Route
 
 from gateway.problems import PROBLEM_MEDIA_TYPE
 from gateway.routes.subscriptions import PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX
-from schemas.deliveries import EventDeliveries
+from schemas.deliveries import (
+    DeliveryOut,
+    DeliveryPage,
+    DeliveryStatus,
+    EventDeliveries,
+    RecoverRequest,
+    RecoverResult,
+)
 from schemas.events import CloudEvent
 from schemas.subscriptions import SubscriptionCreate, SubscriptionOut, SubscriptionPage, SubscriptionUpdate
 
@@ -27,6 +34,10 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (SubscriptionOut, "serialization"),
     (SubscriptionPage, "serialization"),
     (EventDeliveries, "serialization"),
+    (DeliveryOut, "serialization"),
+    (DeliveryPage, "serialization"),
+    (RecoverRequest, "validation"),
+    (RecoverResult, "serialization"),
 ]
 
 _PROBLEM_SCHEMA: dict[str, Any] = {
@@ -300,12 +311,80 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        **_delivery_paths(),
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
                 "summary": "This document",
                 "security": [],
                 "responses": {"200": {"description": "OpenAPI 3.1.", **_json({"type": "object"})}},
+            }
+        },
+    }
+
+
+def _delivery_paths() -> dict[str, Any]:
+    def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+    return {
+        "/v1/deliveries": {
+            "get": {
+                "operationId": "listDeliveries",
+                "summary": "Deliveries, newest first, without their attempts",
+                "security": _AUTH,
+                "parameters": [
+                    query("status", {"enum": [s.value for s in DeliveryStatus]}, "Only deliveries in this state."),
+                    query("subscription_id", {"type": "string"}, "Only this subscription's deliveries."),
+                    query("event_type", {"type": "string"}, "Only deliveries of events of this exact type."),
+                    query("since", {"type": "string", "format": "date-time"},
+                          "Only deliveries created at or after this time (with a UTC offset)."),
+                    query("before", {"type": "string"}, "The `next_before` of the previous page."),
+                    query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size."),
+                ],
+                "responses": {
+                    "200": {"description": "A page of deliveries.", **_json(_ref("DeliveryPage"))},
+                    **_problems(401, 403, 422, 503),
+                },
+            }
+        },
+        "/v1/deliveries/{delivery_id}": {
+            "get": {
+                "operationId": "getDelivery",
+                "summary": "A delivery with every attempt (status, duration, response headers, first 4 KiB of body)",
+                "security": _AUTH,
+                "parameters": [{"name": "delivery_id", **_PATH_ID}],
+                "responses": {
+                    "200": {"description": "The delivery.", **_json(_ref("DeliveryOut"))},
+                    **_problems(401, 403, 404, 503),
+                },
+            }
+        },
+        "/v1/deliveries/{delivery_id}/retry": {
+            "post": {
+                "operationId": "retryDelivery",
+                "summary": "Send a dead or succeeded delivery again, on a fresh run of its retry schedule",
+                "description": "The request keeps its `webhook-id` (the delivery id), so receivers can tell it "
+                "is the same message.",
+                "security": _AUTH,
+                "parameters": [{"name": "delivery_id", **_PATH_ID}],
+                "responses": {
+                    "202": {"description": "Pending again and enqueued.", **_json(_ref("DeliveryOut"))},
+                    **_problems(401, 403, 404, 409, 503),
+                },
+            }
+        },
+        "/v1/subscriptions/{subscription_id}/recover": {
+            "post": {
+                "operationId": "recoverSubscription",
+                "summary": "Send again every dead delivery of this subscription for events received since a time",
+                "security": _AUTH,
+                "parameters": [{"name": "subscription_id", **_PATH_ID}],
+                "requestBody": {"required": True, **_json(_ref("RecoverRequest"))},
+                "responses": {
+                    "202": {"description": "How many were enqueued again.", **_json(_ref("RecoverResult"))},
+                    **_problems(400, 401, 403, 404, 409, 415, 422, 503),
+                },
             }
         },
     }

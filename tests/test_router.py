@@ -116,6 +116,8 @@ async def test_amqp_publisher_event_becomes_a_delivery_and_a_task(router: Router
     assert (event.id, event.source, event.type) == ("evt-1", "shop", "order.paid")
     assert orjson.loads(event.body)["data"] == {"n": 1}
     assert delivery.subscription_id == sub_id and delivery.status == "pending"
+    # The router publishes the task just after it commits the delivery.
+    await router.wait_for(lambda: _peek_task_count(router) >= 1)
     tasks = _drain(router.settings.broker_url, task_queue(topology.WEBHOOKS_QUEUE))
     assert len(tasks) == 1
     assert tasks[0].headers["task"] == "tasks.deliver_webhooks"

@@ -6,7 +6,8 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from consumers.tasks.webhooks import USER_AGENT, webhook_body
 from schemas.deliveries import DeliveryStatus
 from schemas.events import CloudEvent
 from schemas.ids import new_id
+from schemas.keys import Scope
 from schemas.settings import Settings
+from tests.apiclient import running_gateway
 from tests.receiver import Receiver, Reply, make_secret
 from tests.workers import Worker, settings_env
 
@@ -295,6 +298,71 @@ def test_retry_waits_in_the_broker_and_honours_retry_after(sessions: sessionmake
         first, second = receiver.wait_for(2, timeout_s=10)
         wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
     assert second.at - first.at >= 1.9
+
+
+def test_429_retry_after_as_http_date_is_honoured(sessions: sessionmaker[Session],
+                                                 enqueue: Callable[[str], None]) -> None:
+    """A 429 whose Retry-After is an HTTP date 3 s ahead is not retried before then (the schedule says 1 s)."""
+    secret = make_secret()
+    retry_at = format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
+    with Receiver(secret, script=[Reply(429, headers={"retry-after": retry_at})]) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        first, second = receiver.wait_for(2, timeout_s=15)
+        _, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+    # The date has whole-second precision: it may be up to 1 s earlier than now + 3 s.
+    assert second.at - first.at >= 2.0
+    assert [(a.status_code, a.response_headers["retry-after"]) for a in attempts[:1]] == [(429, retry_at)]
+
+
+def test_410_gone_disables_the_subscription(sessions: sessionmaker[Session],
+                                            enqueue: Callable[[str], None]) -> None:
+    """410 ends the delivery dead at once and disables its subscription, with the reason recorded."""
+    secret = make_secret()
+    with Receiver(secret, default=Reply(410)) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        delivery, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.DEAD))
+        time.sleep(1.5)  # the schedule's next step would have come by now
+        assert len(receiver.ledger) == 1
+    with sessions() as session:
+        subscription = session.execute(
+            select(Subscription).where(Subscription.id == delivery.subscription_id)).scalar_one()
+    assert not subscription.enabled and subscription.disabled_reason == "the endpoint answered HTTP 410"
+    assert [a.status_code for a in attempts] == [410]
+
+
+async def test_dead_delivery_comes_back_with_retry_and_recover(sessions: sessionmaker[Session],
+                                                              module_settings: Settings,
+                                                              enqueue: Callable[[str], None]) -> None:
+    """A short schedule spent: dead. The API's retry sends it again and it succeeds; recover does the same."""
+    secret = make_secret()
+    with Receiver(secret, default=Reply(500)) as receiver:
+        first = seed(sessions, receiver.url, secret)
+        enqueue(first)
+        wait_until(sessions, first, finished(DeliveryStatus.DEAD), timeout_s=20)
+        receiver.respond(Reply(200))
+        async with running_gateway(module_settings) as gateway:
+            assert await gateway.app.state.publisher.wait_connected(10)
+            retried = await gateway.client.post(f"/v1/deliveries/{first}/retry",
+                                                headers=gateway.auth(Scope.SUBSCRIPTIONS))
+            assert retried.status_code == 202, retried.text
+            _, attempts = wait_until(sessions, first, finished(DeliveryStatus.SUCCEEDED))
+            assert [a.status_code for a in attempts] == [500, 500, 500, 200]
+
+            receiver.respond(Reply(500))
+            second = seed(sessions, receiver.url, secret)
+            subscription_id = load(sessions, second)[0].subscription_id
+            enqueue(second)
+            wait_until(sessions, second, finished(DeliveryStatus.DEAD), timeout_s=20)
+            receiver.respond(Reply(200))
+            since = (utcnow() - timedelta(minutes=1)).isoformat()
+            recovered = await gateway.client.post(f"/v1/subscriptions/{subscription_id}/recover",
+                                                  json={"since": since}, headers=gateway.auth(Scope.SUBSCRIPTIONS))
+            assert recovered.json() == {"recovered": 1}
+            _, attempts = wait_until(sessions, second, finished(DeliveryStatus.SUCCEEDED))
+            assert [a.status_code for a in attempts] == [500, 500, 500, 200]
+    assert {r.webhook_id for r in receiver.ledger} == {first, second}
 
 
 def test_batch_task_sends_in_parallel_and_retries_a_failure_alone(sessions: sessionmaker[Session],
