@@ -13,7 +13,15 @@ from typing import Any
 
 import structlog
 from celery.signals import worker_init
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -21,6 +29,11 @@ __all__ = [
     "ATTEMPT_SECONDS",
     "CONTENT_TYPE",
     "DELIVERIES",
+    "DELIVERIES_DEFERRED",
+    "DELIVERIES_HELD",
+    "DELIVERY_LATENCY_SECONDS",
+    "ENDPOINT_PAUSED",
+    "ENDPOINT_TRANSITIONS",
     "EVENTS_ACCEPTED",
     "EVENTS_DEAD_LETTERED",
     "EVENTS_DUPLICATE",
@@ -67,6 +80,31 @@ ATTEMPT_SECONDS = Histogram(
 )
 RETRIES_SCHEDULED = Counter(
     "hookgate_retries_scheduled_total", "Delivery retries scheduled through the broker.", ["channel"]
+)
+DELIVERY_LATENCY_SECONDS = Histogram(
+    "hookgate_delivery_latency_seconds",
+    "From the event's arrival at the router to its delivery's success, retries included.",
+    ["channel"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0, 36000.0, 86400.0),
+)
+# One series per subscription that ever paused: subscriptions are an operator's list, not traffic.
+ENDPOINT_PAUSED = Gauge(
+    "hookgate_endpoint_paused",
+    "1 while a subscription's circuit breaker holds its deliveries, 0 once it resumed.",
+    ["subscription_id"],
+    multiprocess_mode="mostrecent",
+)
+ENDPOINT_TRANSITIONS = Counter(
+    "hookgate_endpoint_transitions_total", "Endpoint state changes: paused, resumed, disabled.", ["transition"]
+)
+DELIVERIES_HELD = Counter(
+    "hookgate_deliveries_held_total",
+    "Deliveries held back by an endpoint's breaker, concurrency limit or disabled subscription.",
+    ["channel"],
+)
+DELIVERIES_DEFERRED = Counter(
+    "hookgate_deliveries_deferred_total", "Deliveries deferred to a later send slot by a rate limit or probe.",
+    ["channel"],
 )
 
 

@@ -39,11 +39,24 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 10.0
     # Deliveries the router puts in one task, and parallel sends per worker process.
     webhook_batch_size: int = 32
-    webhook_concurrency: int = 8
+    webhook_concurrency: int = 64
+    # How long a task waits for its sends; slower ones finish and record on their own threads.
+    webhook_patience_s: float = 0.5
     # Delays before each attempt in seconds, comma-separated in the environment (HOOKGATE_RETRY_SCHEDULE).
     retry_schedule: Annotated[tuple[float, ...], NoDecode] = DEFAULT_RETRY_SCHEDULE
     # The longest wait a receiver's Retry-After may impose.
     retry_after_max_s: float = 36000.0
+    # Endpoint health: the breaker opens when more than failure_ratio of at least min_attempts attempts
+    # in a window failed, probes at growing intervals, and an endpoint failing for disable_after_s is
+    # disabled (5 days).
+    breaker_window_s: float = 60.0
+    breaker_min_attempts: int = Field(default=10, ge=1)
+    breaker_failure_ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
+    breaker_probe_interval_s: float = Field(default=30.0, gt=0)
+    breaker_probe_interval_max_s: float = Field(default=600.0, gt=0)
+    endpoint_disable_after_s: float = Field(default=5 * 24 * 3600.0, gt=0)
+    # Deliveries being sent to one subscription at once, across all workers, unless it sets its own.
+    endpoint_max_in_flight: int = Field(default=16, ge=1)
     task_soft_time_limit_s: int = 60
     task_time_limit_s: int = 90
 

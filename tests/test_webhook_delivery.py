@@ -381,19 +381,34 @@ def test_batch_task_sends_in_parallel_and_retries_a_failure_alone(sessions: sess
     # Four sends of 0.6 s each, one after another, would take 2.4 s.
     assert elapsed < 2.0
     assert sorted(r.status for r in first_round) == [200, 200, 200, 503]
-    assert len(ledger) == 5
+    assert len(ledger) == 5, [(r.webhook_id[-6:], r.status, round(r.at, 2)) for r in ledger]
     assert sorted(len(attempts) for _, attempts in outcomes) == [1, 1, 1, 2]
     assert all(r.verified for r in ledger)
 
 
-def test_soft_time_limit_is_a_failed_attempt(sessions: sessionmaker[Session], enqueue: Callable[[str], None]) -> None:
-    """An endpoint slower than the soft time limit costs one failed attempt, retried, not a crashed task."""
+def test_slow_send_outlives_its_task_and_records_itself(sessions: sessionmaker[Session],
+                                                         enqueue: Callable[[str], None]) -> None:
+    """A send slower than the soft time limit is not cut short: it finishes on its thread and records a success."""
     secret = make_secret()
     with Receiver(secret, script=[Reply(200, delay_s=1.5)]) as receiver:
         delivery_id = seed(sessions, receiver.url, secret)
         enqueue(delivery_id)
         _, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
-    assert [(a.status_code, a.error) for a in attempts] == [(None, "soft time limit exceeded"), (200, None)]
+        time.sleep(0.5)
+        assert len(receiver.ledger) == 1
+    assert [(a.status_code, a.error) for a in attempts] == [(200, None)]
+
+
+def test_receiver_slower_than_the_timeout_is_a_timed_out_attempt(sessions: sessionmaker[Session],
+                                                                  enqueue: Callable[[str], None]) -> None:
+    """An endpoint that answers after the request timeout (5 s here) costs a failed attempt, then a retry."""
+    secret = make_secret()
+    with Receiver(secret, script=[Reply(200, delay_s=6)]) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret)
+        enqueue(delivery_id)
+        _, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED), timeout_s=20)
+    assert [a.status_code for a in attempts] == [None, 200]
+    assert attempts[0].error.startswith("ReadTimeout") and 4900 <= attempts[0].duration_ms < 6000
 
 
 def test_connection_refused_is_a_failed_attempt(sessions: sessionmaker[Session],

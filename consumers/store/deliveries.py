@@ -11,7 +11,9 @@ from typing import Any
 from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from consumers.store import endpoints
 from consumers.store.database import utcnow
+from consumers.store.endpoints import Claimed, EndpointPolicy, Settlement
 from consumers.store.errors import translate_errors
 from consumers.store.models import Attempt, Delivery, Event, Subscription
 from schemas.deliveries import OPEN_STATUSES, DeliveryStatus
@@ -19,14 +21,18 @@ from schemas.subscriptions import Channel
 
 __all__ = [
     "AttemptRecord",
+    "Claim",
     "DeliveryJob",
     "Outcome",
+    "Recorded",
     "SkipReason",
     "cancel",
     "claim",
     "claim_many",
+    "hold_disabled",
     "record_attempt",
     "record_attempts",
+    "release_held",
     "skip_reason",
 ]
 
@@ -41,7 +47,7 @@ _webhook_subscription = and_(
 _OPEN = [status.value for status in OPEN_STATUSES]
 # A retry published with a countdown arrives after the next_attempt_at we stored; the slack only
 # absorbs clock differences between worker hosts.
-_DUE_SLACK = timedelta(seconds=2)
+_DUE_SLACK = timedelta(seconds=0.5)
 
 
 class SkipReason(StrEnum):
@@ -121,6 +127,7 @@ _CLAIM = (
         _deliveries.c.id,
         _deliveries.c.attempts_count,
         _deliveries.c.attempts_base,
+        _deliveries.c.rate_slot_at,
         _deliveries.c.subscription_id,
         _scalar(_events.c.id, _events.c.pk, _deliveries.c.event_pk, "event_id"),
         *(_scalar(c, _events.c.pk, _deliveries.c.event_pk)
@@ -128,26 +135,45 @@ _CLAIM = (
         *(_scalar(c, _subscriptions.c.id, _deliveries.c.subscription_id)
           for c in (_subscriptions.c.url, _subscriptions.c.secret, _subscriptions.c.previous_secret,
                     _subscriptions.c.previous_secret_expires_at, _subscriptions.c.payload_format,
-                    _subscriptions.c.retry_schedule)),
+                    _subscriptions.c.retry_schedule, _subscriptions.c.max_in_flight,
+                    _subscriptions.c.rate_limit_per_s)),
     )
 )
 
 
-def claim_many(sessions: sessionmaker[Session], delivery_ids: Sequence[str], lease_s: float) -> list[DeliveryJob]:
-    """Take each of these deliveries that is ours to send now for one attempt, in one statement.
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The deliveries to send now, and those the endpoint's limits held or deferred (id, seconds)."""
+
+    jobs: list[DeliveryJob]
+    held: list[str]
+    deferred: list[tuple[str, float]]
+
+
+def claim_many(sessions: sessionmaker[Session], delivery_ids: Sequence[str], lease_s: float,
+               policy: EndpointPolicy | None = None) -> Claim:
+    """Take each of these deliveries that is ours to send now for one attempt, in one transaction.
 
     A delivery is left out when it is finished (succeeded, dead, cancelled), unknown, leased by
     another worker, not due yet (``next_attempt_at`` ahead), or its subscription is disabled or
     deleted. The conditional UPDATE is the lock: of two workers holding the same delivery id,
     exactly one gets its row back. A manual retry or replay makes a delivery claimable again by
-    setting it ``pending`` (or ``retrying``) with ``next_attempt_at`` NULL or past and no live lease.
+    setting it ``pending`` with ``next_attempt_at`` NULL and no live lease. With a ``policy``, the
+    endpoint's breaker and limits then decide which of the claimed ones go now (``endpoints.admit``).
     """
     now = utcnow()
     params = {"p_ids": list(delivery_ids), "p_now": now, "p_due_by": now + _DUE_SLACK,
               "p_lease_until": now + timedelta(seconds=lease_s)}
     with translate_errors("claiming deliveries"), sessions.begin() as session:
-        rows = session.connection().execute(_CLAIM, params).all()
-    return [
+        connection = session.connection()
+        rows = connection.execute(_CLAIM, params).all()
+        admission = endpoints.admit(
+            connection,
+            [Claimed(row.id, row.subscription_id, row.max_in_flight, row.rate_limit_per_s, row.rate_slot_at)
+             for row in rows],
+            policy, now,
+        ) if policy is not None and rows else None
+    jobs = [
         DeliveryJob(
             delivery_id=row.id, attempt=row.attempts_count, event_id=row.event_id, event_type=row.type,
             event_received_at=row.received_at, event_body=row.body, subscription_id=row.subscription_id,
@@ -157,12 +183,16 @@ def claim_many(sessions: sessionmaker[Session], delivery_ids: Sequence[str], lea
             schedule_attempt=row.attempts_count - row.attempts_base,
         )
         for row in rows
+        if admission is None or row.id in admission.admitted
     ]
+    if admission is None:
+        return Claim(jobs, [], [])
+    return Claim(jobs, admission.held, admission.deferred)
 
 
 def claim(sessions: sessionmaker[Session], delivery_id: str, lease_s: float) -> DeliveryJob | None:
-    """``claim_many`` for one delivery: the job, or None if it is not ours to send now."""
-    jobs = claim_many(sessions, [delivery_id], lease_s)
+    """``claim_many`` for one delivery, without endpoint limits: the job, or None if not ours now."""
+    jobs = claim_many(sessions, [delivery_id], lease_s).jobs
     return jobs[0] if jobs else None
 
 
@@ -206,7 +236,7 @@ _SETTLE = (
     .where(_deliveries.c.id == bindparam("p_id"), _deliveries.c.status.in_(_OPEN),
            _deliveries.c.attempts_count == bindparam("p_attempt"))
     .values(status=bindparam("p_status"), lease_until=None, next_attempt_at=bindparam("p_next_attempt_at"),
-            last_error=bindparam("p_error"), updated_at=bindparam("p_now"))
+            last_error=bindparam("p_error"), rate_slot_at=None, updated_at=bindparam("p_now"))
 )
 
 
@@ -222,11 +252,22 @@ class Outcome:
     disable_subscription: bool = False
 
 
-def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]) -> list[bool]:
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """Per outcome, whether it still settled its delivery; and what settling set off at the endpoints."""
+
+    current: list[bool]
+    settlement: Settlement
+
+
+def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome],
+                    policy: EndpointPolicy | None = None) -> Recorded:
     """Insert the attempts and move each delivery to its status, releasing leases, in one transaction.
 
-    Each flag is False when that delivery was no longer this attempt's (cancelled meanwhile, or the
-    lease expired and another worker claimed it): the attempt is still recorded, the status left alone.
+    An outcome is not current when its delivery was no longer this attempt's (cancelled meanwhile,
+    or the lease expired and another worker claimed it): the attempt is still recorded, the status
+    left alone. With a ``policy``, the current outcomes then count towards their endpoint's health
+    (``endpoints.settle``).
     """
     now = utcnow()
     attempts = [
@@ -244,7 +285,7 @@ def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]
             if o.disable_subscription:
                 connection.execute(_DISABLE, {"p_id": o.job.subscription_id, "p_now": now,
                                               "p_reason": f"the endpoint answered {o.record.error or 'HTTP 410'}"})
-        return [
+        current = [
             connection.execute(_SETTLE, {
                 "p_id": o.job.delivery_id, "p_attempt": o.job.attempt, "p_status": o.status.value,
                 "p_next_attempt_at": o.next_attempt_at, "p_now": now,
@@ -252,12 +293,29 @@ def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]
             }).rowcount == 1
             for o in outcomes
         ]
+        settlement = endpoints.settle(connection, [
+            endpoints.Result(o.job.delivery_id, o.job.subscription_id, o.status is DeliveryStatus.SUCCEEDED)
+            for o, kept in zip(outcomes, current, strict=True) if kept
+        ], policy, now) if policy is not None else Settlement()
+    return Recorded(current, settlement)
+
+
+def hold_disabled(sessions: sessionmaker[Session], delivery_ids: Sequence[str]) -> None:
+    """Park deliveries of a disabled subscription until it is enabled again (``release_held``)."""
+    with translate_errors("holding deliveries"), sessions.begin() as session:
+        endpoints.hold(session.connection(), delivery_ids, utcnow())
+
+
+def release_held(sessions: sessionmaker[Session], subscription_id: str, limit: int) -> list[str]:
+    """Release up to ``limit`` held deliveries of a subscription; their ids, for the caller to enqueue."""
+    with translate_errors("releasing held deliveries"), sessions.begin() as session:
+        return endpoints.take_held(session.connection(), subscription_id, limit, utcnow())
 
 
 def record_attempt(sessions: sessionmaker[Session], job: DeliveryJob, record: AttemptRecord,
                    status: DeliveryStatus, *, next_attempt_at: datetime | None = None) -> bool:
     """``record_attempts`` for one attempt."""
-    return record_attempts(sessions, [Outcome(job, record, status, next_attempt_at)])[0]
+    return record_attempts(sessions, [Outcome(job, record, status, next_attempt_at)]).current[0]
 
 
 def cancel(sessions: sessionmaker[Session], delivery_id: str, reason: str) -> bool:

@@ -119,6 +119,8 @@ class Delivery(Base):
     # Set while the delivery waits on its endpoint (breaker open, or its in-flight limit reached) with no
     # message in the broker; the endpoint's release re-enqueues it.
     held_since: Mapped[datetime | None]
+    # A send slot reserved under the subscription's rate limit: the delivery comes back then and uses it.
+    rate_slot_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -135,8 +137,10 @@ class EndpointHealth(Base):
     window_attempts: Mapped[int] = mapped_column(Integer, default=0)
     window_failures: Mapped[int] = mapped_column(Integer, default=0)
     opened_at: Mapped[datetime | None]
-    # While open: when the next probe may go, and the lease of the probe in flight.
+    # While open: when the next probe may go, and the one delivery that is the probe (scheduled or in
+    # flight) until probe_until; a probe that never reports back frees the role then.
     next_probe_at: Mapped[datetime | None]
+    probe_delivery_id: Mapped[str | None] = mapped_column(String(36))
     probe_until: Mapped[datetime | None]
     probe_interval_s: Mapped[float] = mapped_column(default=0.0)
     failing_since: Mapped[datetime | None]

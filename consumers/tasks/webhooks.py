@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib.metadata import version
@@ -14,20 +15,29 @@ from typing import Any
 
 import orjson
 import structlog
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from consumers.announce import announce
 from consumers.celery_app import celery_app
-from consumers.metrics import ATTEMPT_SECONDS, DELIVERIES, RETRIES_SCHEDULED
+from consumers.metrics import (
+    ATTEMPT_SECONDS,
+    DELIVERIES,
+    DELIVERIES_DEFERRED,
+    DELIVERIES_HELD,
+    DELIVERY_LATENCY_SECONDS,
+    RETRIES_SCHEDULED,
+)
 from consumers.retry_policy import RetryPolicy, parse_retry_after
 from consumers.signing import InvalidSecretError, sign
 from consumers.ssrf import UnsafeTargetError, check_target
 from consumers.store import deliveries
 from consumers.store.database import make_engine, make_sessionmaker, utcnow
 from consumers.store.deliveries import AttemptRecord, DeliveryJob, Outcome, SkipReason
+from consumers.store.endpoints import EndpointPolicy
 from consumers.store.errors import StoreError
 from consumers.webhook_client import WebhookClient, WebhookResponse, WebhookTransportError
 from schemas.deliveries import DeliveryStatus
@@ -49,6 +59,9 @@ _ATTEMPT_SECONDS = ATTEMPT_SECONDS.labels(channel="webhook")
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _GONE = 410
 _RETRIES_SCHEDULED = RETRIES_SCHEDULED.labels(channel="webhook")
+_LATENCY = DELIVERY_LATENCY_SECONDS.labels(channel="webhook")
+_HELD = DELIVERIES_HELD.labels(channel="webhook")
+_DEFERRED = DELIVERIES_DEFERRED.labels(channel="webhook")
 
 
 @dataclass(slots=True)
@@ -126,9 +139,8 @@ def _post(client: WebhookClient, job: DeliveryJob, body: bytes) -> tuple[Attempt
     started_at, started = utcnow(), time.perf_counter()
     try:
         response = client.post(job.url, body, headers)
-    except (WebhookTransportError, SoftTimeLimitExceeded) as exc:
-        error = str(exc) if isinstance(exc, WebhookTransportError) else "soft time limit exceeded"
-        return AttemptRecord(started_at, (time.perf_counter() - started) * 1000, error=error), None
+    except WebhookTransportError as exc:
+        return AttemptRecord(started_at, (time.perf_counter() - started) * 1000, error=str(exc)), None
     return AttemptRecord(
         started_at,
         (time.perf_counter() - started) * 1000,
@@ -163,29 +175,36 @@ def _attempt(client: WebhookClient, job: DeliveryJob, settings: Settings) -> tup
     return Outcome(job, record, DeliveryStatus.RETRYING, utcnow() + timedelta(seconds=countdown)), countdown
 
 
-def _send_all(resources: _ProcessResources, jobs: list[DeliveryJob],
-              settings: Settings) -> list[tuple[Outcome, int | None]]:
-    if len(jobs) == 1 or settings.webhook_concurrency == 1:
-        return [_attempt(resources.client, job, settings) for job in jobs]
+def _send_all(resources: _ProcessResources, jobs: list[DeliveryJob], settings: Settings,
+              ) -> tuple[list[tuple[Outcome, int | None]], list[Future[tuple[Outcome, int | None]]]]:
+    """Send on the process's threads; the attempts done within the patience, and those still running.
+
+    A task does not wait for a slow endpoint: what is still running after ``webhook_patience_s`` (or
+    at the soft time limit) finishes on its thread and records itself, while the task returns and
+    its worker takes the next. The delivery's lease keeps every other worker off it meanwhile.
+    """
     # Each thread has its own client: one shared connection pool serialises concurrent sends.
     futures = [resources.pool.submit(lambda j: _attempt(resources.thread_client(), j, settings), job) for job in jobs]
-    try:
-        return [future.result() for future in futures]
-    except SoftTimeLimitExceeded:
-        # Attempts still running count as failed; their threads finish on their own.
-        late = AttemptRecord(utcnow(), 0.0, error="soft time limit exceeded")
-        return [
-            future.result() if future.done() and not future.exception()
-            else (Outcome(job, late, DeliveryStatus.RETRYING, utcnow() + timedelta(seconds=_STORE_RETRY_S)),
-                  _STORE_RETRY_S)
-            for job, future in zip(jobs, futures, strict=True)
-        ]
+    with contextlib.suppress(SoftTimeLimitExceeded):
+        wait(futures, timeout=settings.webhook_patience_s)
+    done: list[tuple[Outcome, int | None]] = []
+    running: list[Future[tuple[Outcome, int | None]]] = []
+    for future in futures:
+        if future.done():
+            done.append(future.result())
+        else:
+            running.append(future)
+    return done, running
 
 
 def _skip(sessions: sessionmaker[Session], delivery_id: str, lease_s: int, redelivered: bool) -> None:
     reason = deliveries.skip_reason(sessions, delivery_id)
     if reason is SkipReason.SUBSCRIPTION_DELETED:
         deliveries.cancel(sessions, delivery_id, str(reason))
+    elif reason is SkipReason.SUBSCRIPTION_DISABLED:
+        # Parked without a message; enabling the subscription releases it.
+        deliveries.hold_disabled(sessions, [delivery_id])
+        _HELD.inc()
     elif reason is SkipReason.LEASED and redelivered:
         # A redelivered task whose delivery is leased: the worker that held it most likely died
         # mid-send. Look again once its lease has run out, so the delivery is not stranded; if that
@@ -199,23 +218,47 @@ def _deliver(task: Task, delivery_ids: list[str]) -> list[tuple[Outcome, int | N
     settings: Settings = task.app.conf.hookgate_settings
     resources = _process_resources(settings)
     lease_s = settings.task_time_limit_s + _LEASE_MARGIN_S
+    policy = EndpointPolicy.from_settings(settings, lease_s)
     try:
-        jobs = deliveries.claim_many(resources.sessions, delivery_ids, lease_s)
+        claim = deliveries.claim_many(resources.sessions, delivery_ids, lease_s, policy)
     except StoreError as exc:
         logger.warning("store unavailable, webhook deliveries postponed", deliveries=len(delivery_ids),
                        error=str(exc))
         raise task.retry(countdown=_STORE_RETRY_S) from exc
-    claimed = {job.delivery_id for job in jobs}
+    _HELD.inc(len(claim.held))
+    _schedule(claim.deferred)
+    taken = {job.delivery_id for job in claim.jobs} | set(claim.held) | {i for i, _ in claim.deferred}
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     for delivery_id in delivery_ids:
-        if delivery_id not in claimed:
+        if delivery_id not in taken:
             _skip(resources.sessions, delivery_id, lease_s, redelivered)
-    if not jobs:
+    if not claim.jobs:
         return []
-    results = _send_all(resources, jobs, settings)
-    kept = deliveries.record_attempts(resources.sessions, [outcome for outcome, _ in results])
+    results, running = _send_all(resources, claim.jobs, settings)
+    for future in running:
+        future.add_done_callback(lambda f: _record_late(task.app, resources, f, policy))
+    return _record(task.app, resources, results, policy)
+
+
+def _record_late(app: Celery, resources: _ProcessResources, future: Future[tuple[Outcome, int | None]],
+                 policy: EndpointPolicy) -> None:
+    """Record an attempt that outlived its task, and schedule its retry; on the sending thread."""
+    try:
+        for outcome, retry_in_s in _record(app, resources, [future.result()], policy):
+            deliver_webhook.apply_async((outcome.job.delivery_id,), countdown=retry_in_s)
+    except Exception as exc:  # the lease runs out and the stuck-delivery sweep sends it again
+        logger.error("late webhook attempt not recorded", error=str(exc))
+
+
+def _record(app: Celery, resources: _ProcessResources, results: list[tuple[Outcome, int | None]],
+            policy: EndpointPolicy) -> list[tuple[Outcome, int | None]]:
+    """Record attempts, log and count them, and act on what settling them set off; returns the retries."""
+    if not results:
+        return []
+    settings: Settings = app.conf.hookgate_settings
+    recorded = deliveries.record_attempts(resources.sessions, [outcome for outcome, _ in results], policy)
     retries = []
-    for (outcome, retry_in_s), current in zip(results, kept, strict=True):
+    for (outcome, retry_in_s), current in zip(results, recorded.current, strict=True):
         job, record = outcome.job, outcome.record
         _ATTEMPT_SECONDS.observe(record.duration_ms / 1000)
         if current:
@@ -225,6 +268,7 @@ def _deliver(task: Task, delivery_ids: list[str]) -> list[tuple[Outcome, int | N
         if not current:
             log.info("webhook delivery taken over or cancelled meanwhile; no retry")
         elif outcome.status is DeliveryStatus.SUCCEEDED:
+            _LATENCY.observe((utcnow() - job.event_received_at).total_seconds())
             log.info("webhook delivered", duration_ms=round(record.duration_ms, 1))
         elif outcome.status is DeliveryStatus.DEAD:
             log.warning("webhook delivery dead", error=record.error)
@@ -232,7 +276,23 @@ def _deliver(task: Task, delivery_ids: list[str]) -> list[tuple[Outcome, int | N
             log.info("webhook attempt failed, retrying", error=record.error, retry_in_s=retry_in_s)
             _RETRIES_SCHEDULED.inc()
             retries.append((outcome, retry_in_s))
+    settlement = recorded.settlement
+    _enqueue(settlement.release, settings.webhook_batch_size)
+    _schedule(settlement.delayed)
+    announce(app, settlement.transitions)
     return retries
+
+
+def _enqueue(delivery_ids: list[str], batch_size: int) -> None:
+    for start in range(0, len(delivery_ids), batch_size):
+        deliver_webhooks.apply_async((delivery_ids[start:start + batch_size],))
+
+
+def _schedule(delayed: list[tuple[str, float]]) -> None:
+    """Send deliveries the endpoint deferred (a rate slot, a probe's time) to come back then."""
+    _DEFERRED.inc(len(delayed))
+    for delivery_id, wait_s in delayed:
+        deliver_webhook.apply_async((delivery_id,), countdown=wait_s)
 
 
 @celery_app.task(name="tasks.deliver_webhook", bind=True, acks_late=True, max_retries=None, **_OUTCOME_IN_STORE)

@@ -26,6 +26,7 @@ def upgrade() -> None:
     sa.Column('window_failures', sa.Integer(), nullable=False),
     sa.Column('opened_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('next_probe_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('probe_delivery_id', sa.String(length=36), nullable=True),
     sa.Column('probe_until', sa.DateTime(timezone=True), nullable=True),
     sa.Column('probe_interval_s', sa.Double(), nullable=False),
     sa.Column('failing_since', sa.DateTime(timezone=True), nullable=True),
@@ -38,6 +39,7 @@ def upgrade() -> None:
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.add_column(sa.Column('attempts_base', sa.Integer(), server_default='0', nullable=False))
         batch_op.add_column(sa.Column('held_since', sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('rate_slot_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index('ix_deliveries_subscription_held', ['subscription_id', 'held_since'], unique=False)
         batch_op.create_index('ix_deliveries_subscription_lease', ['subscription_id', 'lease_until'], unique=False)
 
@@ -68,6 +70,7 @@ def downgrade() -> None:
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.drop_index('ix_deliveries_subscription_lease')
         batch_op.drop_index('ix_deliveries_subscription_held')
+        batch_op.drop_column('rate_slot_at')
         batch_op.drop_column('held_since')
         batch_op.drop_column('attempts_base')
 
