@@ -85,6 +85,8 @@ class DeliveryJob:
     # schedule last started over (a manual retry or recover resets it).
     retry_schedule: tuple[float, ...] | None
     schedule_attempt: int
+    # Not before: the rate limit's slot for it, less than a second away.
+    send_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +145,11 @@ _CLAIM = (
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """The deliveries to send now, and those the endpoint's limits held or deferred (id, seconds)."""
+    """The deliveries to send now, and those the endpoint's limits held or deferred (id, until when)."""
 
     jobs: list[DeliveryJob]
     held: list[str]
-    deferred: list[tuple[str, float]]
+    deferred: list[tuple[str, datetime]]
 
 
 def claim_many(sessions: sessionmaker[Session], delivery_ids: Sequence[str], lease_s: float,
@@ -161,11 +163,12 @@ def claim_many(sessions: sessionmaker[Session], delivery_ids: Sequence[str], lea
     setting it ``pending`` with ``next_attempt_at`` NULL and no live lease. With a ``policy``, the
     endpoint's breaker and limits then decide which of the claimed ones go now (``endpoints.admit``).
     """
-    now = utcnow()
-    params = {"p_ids": list(delivery_ids), "p_now": now, "p_due_by": now + _DUE_SLACK,
-              "p_lease_until": now + timedelta(seconds=lease_s)}
     with translate_errors("claiming deliveries"), sessions.begin() as session:
         connection = session.connection()
+        # After BEGIN: on SQLite that may have waited for the write lock, and slots count from now.
+        now = utcnow()
+        params = {"p_ids": list(delivery_ids), "p_now": now, "p_due_by": now + _DUE_SLACK,
+                  "p_lease_until": now + timedelta(seconds=lease_s)}
         rows = connection.execute(_CLAIM, params).all()
         admission = endpoints.admit(
             connection,
@@ -181,6 +184,7 @@ def claim_many(sessions: sessionmaker[Session], delivery_ids: Sequence[str], lea
             previous_secret_expires_at=row.previous_secret_expires_at, payload_format=row.payload_format,
             retry_schedule=tuple(row.retry_schedule) if row.retry_schedule else None,
             schedule_attempt=row.attempts_count - row.attempts_base,
+            send_at=admission.send_at.get(row.id) if admission is not None else None,
         )
         for row in rows
         if admission is None or row.id in admission.admitted

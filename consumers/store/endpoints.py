@@ -86,13 +86,16 @@ class EndpointPolicy:
 
 @dataclass(slots=True)
 class Admission:
-    """What the claim may send now; the rest is held, or deferred (id, seconds) to a rate slot."""
+    """What the claim may send now; the rest is held, or deferred (id, when) to a rate slot or probe time."""
 
     admitted: set[str] = field(default_factory=set)
     held: list[str] = field(default_factory=list)
-    deferred: list[tuple[str, float]] = field(default_factory=list)
+    deferred: list[tuple[str, datetime]] = field(default_factory=list)
     # The rate-limit slot reserved for each deferred delivery that waits on one.
     rate_slots: dict[str, datetime] = field(default_factory=dict)
+    # Admitted deliveries whose rate slot is less than a second away: the sender waits for it.
+    # (The broker's delayed delivery counts whole seconds.)
+    send_at: dict[str, datetime] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -100,7 +103,7 @@ class Settlement:
     """What settling a batch set off: deliveries to enqueue now or after a delay, and state changes."""
 
     release: list[str] = field(default_factory=list)
-    delayed: list[tuple[str, float]] = field(default_factory=list)
+    delayed: list[tuple[str, datetime]] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
 
 
@@ -206,7 +209,7 @@ def _admit_while_open(h: dict[str, Any], items: list[Claimed], policy: EndpointP
                 admission.held += [i.delivery_id for i in items if i is not item]
                 return [item]
             h["probe_until"] = h["next_probe_at"] + lease
-            admission.deferred.append((item.delivery_id, (h["next_probe_at"] - now).total_seconds()))
+            admission.deferred.append((item.delivery_id, h["next_probe_at"]))
             admission.held += [i.delivery_id for i in items if i is not item]
             return []
     admission.held += [i.delivery_id for i in items]
@@ -219,15 +222,16 @@ def _rate_limit(h: dict[str, Any], items: list[Claimed], rate: float, now: datet
     interval = timedelta(seconds=1 / rate)
     go = []
     for item in items:
-        if item.rate_slot_at is not None and item.rate_slot_at <= now + interval:
-            go.append(item)  # its slot was reserved when it was deferred
-            continue
-        slot = max(h["rate_tat"] or now, now)
-        h["rate_tat"] = slot + interval
-        if slot <= now:
+        slot = item.rate_slot_at
+        if slot is None:  # a delivery deferred before comes back with its slot reserved
+            slot = max(h["rate_tat"] or now, now)
+            h["rate_tat"] = slot + interval
+        if slot - now < timedelta(seconds=1):
             go.append(item)
+            if slot > now:
+                admission.send_at[item.delivery_id] = slot
         else:
-            admission.deferred.append((item.delivery_id, (slot - now).total_seconds()))
+            admission.deferred.append((item.delivery_id, slot))
             admission.rate_slots[item.delivery_id] = slot
     return go
 
@@ -238,8 +242,7 @@ def _put_back(conn: Connection, admission: Admission, now: datetime) -> None:
     if admission.held:
         conn.execute(update(_deliveries).where(_deliveries.c.id.in_(admission.held))
                      .values(held_since=now, **unclaim))
-    for delivery_id, wait_s in admission.deferred:
-        due = now + timedelta(seconds=wait_s)
+    for delivery_id, due in admission.deferred:
         conn.execute(update(_deliveries).where(_deliveries.c.id == delivery_id)
                      .values(next_attempt_at=due, rate_slot_at=admission.rate_slots.get(delivery_id), **unclaim))
 
@@ -344,7 +347,7 @@ def _release(conn: Connection, health: dict[str, dict[str, Any]], policy: Endpoi
             if taken:
                 h["probe_delivery_id"] = taken[0]
                 h["probe_until"] = h["next_probe_at"] + timedelta(seconds=policy.lease_s)
-                settlement.delayed.append((taken[0], max(0.0, (h["next_probe_at"] - now).total_seconds())))
+                settlement.delayed.append((taken[0], h["next_probe_at"]))
                 _save_health(conn, [h])
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import os
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.store.database import utcnow
 from consumers.store.errors import translate_errors
-from consumers.store.models import Delivery, Subscription
+from consumers.store.models import Delivery, EndpointHealth, Subscription
 from schemas.deliveries import OPEN_STATUSES, DeliveryStatus
 from schemas.ids import new_id
 from schemas.subscriptions import Channel, SubscriptionCreate, SubscriptionOut, SubscriptionUpdate
@@ -112,6 +112,10 @@ def update_subscription(
             for name, value in fields.items():
                 setattr(row, name, value)
             row.updated_at = utcnow()
+        if fields.get("enabled") is True:
+            # Enabled again by a person: whatever disabled it, and its endpoint's record, start afresh.
+            row.disabled_reason = None
+            session.execute(delete(EndpointHealth).where(EndpointHealth.subscription_id == subscription_id))
     return _out(row, with_secret=False)
 
 

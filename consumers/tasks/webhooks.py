@@ -9,7 +9,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from importlib.metadata import version
 from typing import Any
 
@@ -153,6 +153,8 @@ def _post(client: WebhookClient, job: DeliveryJob, body: bytes) -> tuple[Attempt
 
 def _attempt(client: WebhookClient, job: DeliveryJob, settings: Settings) -> tuple[Outcome, int | None]:
     """Send one attempt and decide where it leaves the delivery; the int is the retry delay, if any."""
+    if job.send_at is not None:
+        time.sleep(max(0.0, (job.send_at - utcnow()).total_seconds()))
     try:
         check_target(job.url, allow_private=settings.allow_private_targets)
         record, response = _post(client, job, webhook_body(job))
@@ -226,6 +228,8 @@ def _deliver(task: Task, delivery_ids: list[str]) -> list[tuple[Outcome, int | N
                        error=str(exc))
         raise task.retry(countdown=_STORE_RETRY_S) from exc
     _HELD.inc(len(claim.held))
+    logger.debug("webhook deliveries claimed", sending=[(j.delivery_id, j.send_at) for j in claim.jobs],
+                 held=claim.held, deferred=claim.deferred)
     _schedule(claim.deferred)
     taken = {job.delivery_id for job in claim.jobs} | set(claim.held) | {i for i, _ in claim.deferred}
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
@@ -288,11 +292,12 @@ def _enqueue(delivery_ids: list[str], batch_size: int) -> None:
         deliver_webhooks.apply_async((delivery_ids[start:start + batch_size],))
 
 
-def _schedule(delayed: list[tuple[str, float]]) -> None:
+def _schedule(delayed: list[tuple[str, datetime]]) -> None:
     """Send deliveries the endpoint deferred (a rate slot, a probe's time) to come back then."""
     _DEFERRED.inc(len(delayed))
-    for delivery_id, wait_s in delayed:
-        deliver_webhook.apply_async((delivery_id,), countdown=wait_s)
+    for delivery_id, due in delayed:
+        # The broker's delayed delivery takes one second at least.
+        deliver_webhook.apply_async((delivery_id,), countdown=max(1.0, (due - utcnow()).total_seconds()))
 
 
 @celery_app.task(name="tasks.deliver_webhook", bind=True, acks_late=True, max_retries=None, **_OUTCOME_IN_STORE)

@@ -21,12 +21,13 @@ from schemas.deliveries import DeliveryFilter, DeliveryPage, RecoverRequest, Rec
 from schemas.keys import Scope
 from schemas.settings import Settings
 
-__all__ = ["routes"]
+__all__ = ["enqueue_deliveries", "routes"]
 
 log = structlog.get_logger(__name__)
 
 
-async def _enqueue(request: Request, channel: str, delivery_ids: list[str]) -> None:
+async def enqueue_deliveries(request: Request, channel: str, delivery_ids: list[str]) -> None:
+    """Publish the channel's tasks for deliveries already made pending in the store; 503 if not confirmed."""
     settings: Settings = request.app.state.settings
     messages = delivery_task_messages(request.app.state.celery, channel, delivery_ids, settings.webhook_batch_size)
     try:
@@ -66,7 +67,7 @@ async def delivery_retry(request: Request) -> Response:
         raise Problem(404, f"there is no delivery {delivery_id!r}")
     if isinstance(outcome, replay.RetryRefusal):
         raise Problem(409, f"delivery {delivery_id!r} cannot be retried: {outcome}")
-    await _enqueue(request, outcome.channel, [delivery_id])
+    await enqueue_deliveries(request, outcome.channel, [delivery_id])
     log.info("delivery_retry_requested", delivery_id=delivery_id, key_id=principal.key_id)
     return await _delivery_response(request, delivery_id, 202)
 
@@ -84,7 +85,7 @@ async def subscription_recover(request: Request) -> Response:
     chunks = replay.recover_dead(request.app.state.sessions, subscription_id, body.since)
     recovered = 0
     while (ids := await asyncio.to_thread(next, chunks, None)) is not None:
-        await _enqueue(request, subscription.channel.value, ids)
+        await enqueue_deliveries(request, subscription.channel.value, ids)
         recovered += len(ids)
     log.info("subscription_recovered", subscription_id=subscription_id, key_id=principal.key_id, recovered=recovered)
     return model_response(RecoverResult(recovered=recovered), 202)

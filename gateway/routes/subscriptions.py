@@ -12,10 +12,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from consumers.ssrf import UnsafeTargetError, check_target
+from consumers.store import deliveries
 from consumers.store import subscriptions as store
 from gateway.auth import authenticate
 from gateway.problems import Problem
 from gateway.routes._json import model_response, read_model, validated
+from gateway.routes.deliveries import enqueue_deliveries
 from schemas.keys import Scope
 from schemas.settings import Settings
 from schemas.subscriptions import SubscriptionCreate, SubscriptionOut, SubscriptionPage, SubscriptionUpdate
@@ -26,6 +28,7 @@ log = structlog.get_logger(__name__)
 
 PAGE_LIMIT_DEFAULT = 50
 PAGE_LIMIT_MAX = 200
+_RELEASE_CHUNK = 1000
 
 
 class _PageQuery(BaseModel):
@@ -44,6 +47,13 @@ async def _check_url(request: Request, url: str) -> None:
         raise Problem(
             422, f"the webhook url is refused: {exc}", errors=[{"field": "url", "message": str(exc)}]
         ) from exc
+
+
+async def _release_held(request: Request, subscription: SubscriptionOut) -> None:
+    """Send the deliveries that waited while the subscription was disabled or its endpoint paused."""
+    sessions = request.app.state.sessions
+    while released := await asyncio.to_thread(deliveries.release_held, sessions, subscription.id, _RELEASE_CHUNK):
+        await enqueue_deliveries(request, subscription.channel.value, released)
 
 
 def _not_found(subscription_id: str) -> Problem:
@@ -98,6 +108,8 @@ class SubscriptionItem(HTTPEndpoint):
         )
         if updated is None:
             raise _not_found(subscription_id)
+        if changes.enabled:
+            await _release_held(request, updated)
         log.info(
             "subscription_updated",
             subscription_id=subscription_id,
