@@ -16,15 +16,15 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import make_celery
-from consumers.store.database import make_engine, make_sessionmaker, utcnow
-from consumers.store.models import Delivery, EndpointHealth, Event, Subscription
+from consumers.store.database import make_engine, make_sessionmaker
+from consumers.store.models import Delivery, EndpointHealth, Subscription
 from consumers.topology import declare_topology, events_exchange
-from schemas.events import CloudEvent
 from schemas.ids import new_id
 from schemas.keys import Scope
 from schemas.settings import Settings
 from tests.apiclient import running_gateway
 from tests.receiver import Received, Receiver, Reply, make_secret
+from tests.seeding import add_delivery, add_subscription, statuses, wait_for
 from tests.workers import Worker
 
 # Four attempts decide the breaker; probes one then two seconds apart; retries far off, so that
@@ -83,44 +83,6 @@ def notices(settings: Settings) -> Iterator[Callable[[], list[dict[str, Any]]]]:
 
 def start_worker(settings: Settings, tmp_path: Path, name: str) -> Worker:
     return Worker(settings, tmp_path / f"{name}.log")
-
-
-def add_subscription(sessions: sessionmaker[Session], url: str, secret: str, **columns: Any) -> str:
-    now = utcnow()
-    subscription_id = new_id()
-    with sessions.begin() as session:
-        session.add(Subscription(id=subscription_id, channel="webhook", event_types=["order.*"], url=url,
-                                 secret=secret, description="", enabled=True, options={}, created_at=now,
-                                 updated_at=now, **columns))
-    return subscription_id
-
-
-def add_delivery(sessions: sessionmaker[Session], subscription_id: str) -> str:
-    now = utcnow()
-    event = CloudEvent(id=new_id(), source="tests/endpoints", type="order.created", data={"n": 1}, time=now)
-    event_pk, delivery_id = new_id(), new_id()
-    with sessions.begin() as session:
-        session.add(Event(pk=event_pk, id=event.id, source=event.source, type=event.type, time=event.time,
-                          body=event.to_json().decode(), received_at=now))
-        session.flush()
-        session.add(Delivery(id=delivery_id, event_pk=event_pk, subscription_id=subscription_id, status="pending",
-                             attempts_count=0, created_at=now, updated_at=now))
-    return delivery_id
-
-
-def statuses(sessions: sessionmaker[Session], subscription_id: str) -> dict[str, int]:
-    with sessions() as session:
-        return dict(session.execute(
-            select(Delivery.status, func.count()).where(Delivery.subscription_id == subscription_id)
-            .group_by(Delivery.status)).all())
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def most_at_once(ledger: list[Received], duration_s: float) -> int:
