@@ -33,7 +33,8 @@ def make_celery(settings: Settings) -> Celery:
         # By queue only: every queue is bound on hookgate.tasks by its own name, so the queue's routing
         # key is the one to use, also when a caller names another queue.
         task_routes={
-            name: {"queue": topology.WEBHOOKS_QUEUE} for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks")
+            name: {"queue": topology.WEBHOOKS_QUEUE}
+            for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks")
         },
         task_serializer="json",
         accept_content=["json"],

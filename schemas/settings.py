@@ -40,8 +40,6 @@ class Settings(BaseSettings):
     # Deliveries the router puts in one task, and parallel sends per worker process.
     webhook_batch_size: int = 32
     webhook_concurrency: int = 64
-    # How long a task waits for its sends; slower ones finish and record on their own threads.
-    webhook_patience_s: float = 0.5
     # Delays before each attempt in seconds, comma-separated in the environment (HOOKGATE_RETRY_SCHEDULE).
     retry_schedule: Annotated[tuple[float, ...], NoDecode] = DEFAULT_RETRY_SCHEDULE
     # The longest wait a receiver's Retry-After may impose.

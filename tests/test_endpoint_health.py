@@ -184,7 +184,7 @@ def test_in_flight_limit_holds_across_two_worker_processes(settings: Settings, s
 def test_slow_endpoint_does_not_delay_a_healthy_one(settings: Settings, sessions: sessionmaker[Session],
                                                     sender: Celery, tmp_path: Path) -> None:
     """Eight sends to an endpoint taking 4 s, queued first, do not hold up a healthy endpoint's deliveries:
-    a task waits webhook_patience_s for its sends and leaves slower ones to finish on their threads."""
+    a task hands its sends to the process's threads and takes the next task at once."""
     secret = make_secret()
     with (
         Receiver(secret, default=Reply(200, delay_s=4)) as slow,

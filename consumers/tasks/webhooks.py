@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
+import queue
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib.metadata import version
 from typing import Any
@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 import structlog
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,7 +42,7 @@ from consumers.webhook_client import WebhookClient, WebhookResponse, WebhookTran
 from schemas.deliveries import DeliveryStatus
 from schemas.settings import Settings
 
-__all__ = ["USER_AGENT", "deliver_webhook", "deliver_webhooks", "webhook_body"]
+__all__ = ["USER_AGENT", "deliver_webhook", "deliver_webhooks", "recheck_webhooks", "webhook_body"]
 
 logger = structlog.get_logger(__name__)
 
@@ -51,6 +50,10 @@ USER_AGENT = f"hookgate/{version('hookgate')}"
 # The lease must outlive the hard time limit, so no second worker sends while a child may still be sending.
 _LEASE_MARGIN_S = 30
 _STORE_RETRY_S = 5
+# Attempts the recorder writes in one transaction at most, and how often it tries before giving up.
+_RECORD_BATCH = 256
+_RECORD_TRIES = 6
+_RECHECK_MARGIN_S = 5
 # A delivery's outcome lives in the store's attempt log; writing Celery states (STARTED, SUCCESS) to the
 # result backend as well cost a second database write per task, ~40 % of a worker's CPU.
 _OUTCOME_IN_STORE: dict[str, Any] = {"ignore_result": True, "track_started": False}
@@ -66,16 +69,33 @@ _DEFERRED = DELIVERIES_DEFERRED.labels(channel="webhook")
 
 @dataclass(slots=True)
 class _ProcessResources:
+    """What one worker process sends with: made on first use, since none of it may cross a fork.
+
+    Tasks hand their claimed deliveries to ``pool`` (at most ``webhook_concurrency`` sends at once:
+    ``slots``) and return at once; finished attempts queue up in ``finished`` and one recorder thread
+    writes them to the store in batches. A slow endpoint thus never keeps the process from its next
+    task, and a thousand 100-ms sends a second cost a few dozen transactions, not a thousand.
+    """
+
     pid: int
+    app: Celery
     settings: Settings
+    policy: EndpointPolicy
     engine: Engine
     sessions: sessionmaker[Session]
-    client: WebhookClient
     pool: ThreadPoolExecutor
+    slots: threading.BoundedSemaphore
+    finished: queue.SimpleQueue[tuple[Outcome, int | None] | None]
     local: threading.local
     clients: list[WebhookClient]
+    recorder: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.recorder = threading.Thread(target=self.record_forever, name="webhook-recorder", daemon=True)
+        self.recorder.start()
 
     def thread_client(self) -> WebhookClient:
+        # One client per sending thread: a shared connection pool serialises concurrent sends.
         client: WebhookClient | None = getattr(self.local, "client", None)
         if client is None:
             client = self.local.client = WebhookClient(timeout_s=self.settings.webhook_timeout_s,
@@ -83,32 +103,80 @@ class _ProcessResources:
             self.clients.append(client)
         return client
 
+    def send(self, job: DeliveryJob) -> None:
+        """Start one attempt; blocks while the process already has its maximum of sends running."""
+        self.slots.acquire()
+        self.pool.submit(self._send, job)
+
+    def _send(self, job: DeliveryJob) -> None:
+        try:
+            result = _attempt(self.thread_client(), job, self.settings)
+        except Exception as exc:  # a send that crashed is a failed attempt, never a lost one
+            logger.exception("webhook send failed unexpectedly", delivery_id=job.delivery_id)
+            result = (Outcome(job, AttemptRecord(utcnow(), 0.0, error=f"internal error: {exc}"),
+                              DeliveryStatus.RETRYING, utcnow() + timedelta(seconds=_STORE_RETRY_S)), _STORE_RETRY_S)
+        finally:
+            self.slots.release()
+        self.finished.put(result)
+
+    def record_forever(self) -> None:
+        while (first := self.finished.get()) is not None:
+            batch = [first]
+            while len(batch) < _RECORD_BATCH and not self.finished.empty():
+                item = self.finished.get()
+                if item is None:
+                    self.finished.put(None)
+                    break
+                batch.append(item)
+            self._record_with_retries(batch)
+
+    def _record_with_retries(self, batch: list[tuple[Outcome, int | None]]) -> None:
+        for attempt in range(_RECORD_TRIES):
+            try:
+                _record(self, batch)
+                return
+            except Exception as exc:  # the store or broker is away: hold the batch, the leases keep it ours
+                logger.warning("webhook attempts not recorded yet", attempts=len(batch), error=str(exc),
+                               try_number=attempt + 1)
+                time.sleep(_STORE_RETRY_S)
+        # Given up: the leases run out and the tasks' rechecks send these deliveries again.
+        logger.error("webhook attempts not recorded", attempts=len(batch),
+                     deliveries=[outcome.job.delivery_id for outcome, _ in batch])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=False)
+        self.finished.put(None)
+        self.recorder.join()
+        for client in self.clients:
+            client.close()
+        self.engine.dispose()
+
 
 _resources: _ProcessResources | None = None
 
 
-def _process_resources(settings: Settings) -> _ProcessResources:
-    """The engine, HTTP clients and send threads of this process, made on first use: none may cross a fork."""
+def _process_resources(app: Celery) -> _ProcessResources:
     global _resources
     if _resources is None or _resources.pid != os.getpid():
+        settings: Settings = app.conf.hookgate_settings
         engine = make_engine(settings.database_url)
-        client = WebhookClient(timeout_s=settings.webhook_timeout_s, user_agent=USER_AGENT)
         _resources = _ProcessResources(
-            pid=os.getpid(), settings=settings, engine=engine, sessions=make_sessionmaker(engine), client=client,
+            pid=os.getpid(), app=app, settings=settings,
+            policy=EndpointPolicy.from_settings(settings, settings.task_time_limit_s + _LEASE_MARGIN_S),
+            engine=engine, sessions=make_sessionmaker(engine),
             pool=ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="webhook-send"),
-            local=threading.local(), clients=[client],
+            slots=threading.BoundedSemaphore(settings.webhook_concurrency), finished=queue.SimpleQueue(),
+            local=threading.local(), clients=[],
         )
     return _resources
 
 
 @worker_process_shutdown.connect
 def _close_process_resources(**_: Any) -> None:
+    """Let running sends finish and their attempts be recorded before the process exits."""
     global _resources
     if _resources is not None and _resources.pid == os.getpid():
-        _resources.pool.shutdown(wait=True, cancel_futures=True)
-        for client in _resources.clients:
-            client.close()
-        _resources.engine.dispose()
+        _resources.close()
     _resources = None
 
 
@@ -174,29 +242,9 @@ def _attempt(client: WebhookClient, job: DeliveryJob, settings: Settings) -> tup
     countdown = policy.delay_after(job.schedule_attempt, retry_after_s=retry_after)
     if countdown is None:
         return Outcome(job, record, DeliveryStatus.DEAD), None
+    # At least a second: the retry is published before this attempt is recorded, and must find it so.
+    countdown = max(1, countdown)
     return Outcome(job, record, DeliveryStatus.RETRYING, utcnow() + timedelta(seconds=countdown)), countdown
-
-
-def _send_all(resources: _ProcessResources, jobs: list[DeliveryJob], settings: Settings,
-              ) -> tuple[list[tuple[Outcome, int | None]], list[Future[tuple[Outcome, int | None]]]]:
-    """Send on the process's threads; the attempts done within the patience, and those still running.
-
-    A task does not wait for a slow endpoint: what is still running after ``webhook_patience_s`` (or
-    at the soft time limit) finishes on its thread and records itself, while the task returns and
-    its worker takes the next. The delivery's lease keeps every other worker off it meanwhile.
-    """
-    # Each thread has its own client: one shared connection pool serialises concurrent sends.
-    futures = [resources.pool.submit(lambda j: _attempt(resources.thread_client(), j, settings), job) for job in jobs]
-    with contextlib.suppress(SoftTimeLimitExceeded):
-        wait(futures, timeout=settings.webhook_patience_s)
-    done: list[tuple[Outcome, int | None]] = []
-    running: list[Future[tuple[Outcome, int | None]]] = []
-    for future in futures:
-        if future.done():
-            done.append(future.result())
-        else:
-            running.append(future)
-    return done, running
 
 
 def _skip(sessions: sessionmaker[Session], delivery_id: str, lease_s: int, redelivered: bool) -> None:
@@ -215,14 +263,11 @@ def _skip(sessions: sessionmaker[Session], delivery_id: str, lease_s: int, redel
     logger.info("webhook delivery skipped", delivery_id=delivery_id, reason=str(reason))
 
 
-def _deliver(task: Task, delivery_ids: list[str]) -> list[tuple[Outcome, int | None]]:
-    """Claim, send and record these deliveries; returns the retries to schedule (delay in seconds)."""
-    settings: Settings = task.app.conf.hookgate_settings
-    resources = _process_resources(settings)
-    lease_s = settings.task_time_limit_s + _LEASE_MARGIN_S
-    policy = EndpointPolicy.from_settings(settings, lease_s)
+def _deliver(task: Task, delivery_ids: list[str]) -> None:
+    """Claim these deliveries and start their sends; the recorder thread records how they went."""
+    resources = _process_resources(task.app)
     try:
-        claim = deliveries.claim_many(resources.sessions, delivery_ids, lease_s, policy)
+        claim = deliveries.claim_many(resources.sessions, delivery_ids, resources.policy.lease_s, resources.policy)
     except StoreError as exc:
         logger.warning("store unavailable, webhook deliveries postponed", deliveries=len(delivery_ids),
                        error=str(exc))
@@ -235,33 +280,27 @@ def _deliver(task: Task, delivery_ids: list[str]) -> list[tuple[Outcome, int | N
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     for delivery_id in delivery_ids:
         if delivery_id not in taken:
-            _skip(resources.sessions, delivery_id, lease_s, redelivered)
-    if not claim.jobs:
-        return []
-    results, running = _send_all(resources, claim.jobs, settings)
-    for future in running:
-        future.add_done_callback(lambda f: _record_late(task.app, resources, f, policy))
-    return _record(task.app, resources, results, policy)
+            _skip(resources.sessions, delivery_id, int(resources.policy.lease_s), redelivered)
+    for job in claim.jobs:
+        resources.send(job)
+    if claim.jobs:
+        # The task is acked before its sends end. Should this process die before they are recorded,
+        # this look after the leases ran out sends them again; otherwise it finds nothing to do.
+        recheck_webhooks.apply_async(([job.delivery_id for job in claim.jobs],),
+                                     countdown=resources.policy.lease_s + _RECHECK_MARGIN_S)
 
 
-def _record_late(app: Celery, resources: _ProcessResources, future: Future[tuple[Outcome, int | None]],
-                 policy: EndpointPolicy) -> None:
-    """Record an attempt that outlived its task, and schedule its retry; on the sending thread."""
-    try:
-        for outcome, retry_in_s in _record(app, resources, [future.result()], policy):
+def _record(resources: _ProcessResources, results: list[tuple[Outcome, int | None]]) -> None:
+    """Schedule the retries, record the attempts, log and count them, and act on what settling set off.
+
+    Retries go to the broker before the attempts are committed: once a delivery reads ``retrying``
+    its next attempt is already waiting in RabbitMQ. One that arrives for an attempt that was never
+    recorded finds the delivery leased and is ignored; the task's recheck sends it.
+    """
+    for outcome, retry_in_s in results:
+        if retry_in_s is not None:
             deliver_webhook.apply_async((outcome.job.delivery_id,), countdown=retry_in_s)
-    except Exception as exc:  # the lease runs out and the stuck-delivery sweep sends it again
-        logger.error("late webhook attempt not recorded", error=str(exc))
-
-
-def _record(app: Celery, resources: _ProcessResources, results: list[tuple[Outcome, int | None]],
-            policy: EndpointPolicy) -> list[tuple[Outcome, int | None]]:
-    """Record attempts, log and count them, and act on what settling them set off; returns the retries."""
-    if not results:
-        return []
-    settings: Settings = app.conf.hookgate_settings
-    recorded = deliveries.record_attempts(resources.sessions, [outcome for outcome, _ in results], policy)
-    retries = []
+    recorded = deliveries.record_attempts(resources.sessions, [outcome for outcome, _ in results], resources.policy)
     for (outcome, retry_in_s), current in zip(results, recorded.current, strict=True):
         job, record = outcome.job, outcome.record
         _ATTEMPT_SECONDS.observe(record.duration_ms / 1000)
@@ -279,12 +318,10 @@ def _record(app: Celery, resources: _ProcessResources, results: list[tuple[Outco
         else:
             log.info("webhook attempt failed, retrying", error=record.error, retry_in_s=retry_in_s)
             _RETRIES_SCHEDULED.inc()
-            retries.append((outcome, retry_in_s))
     settlement = recorded.settlement
-    _enqueue(settlement.release, settings.webhook_batch_size)
+    _enqueue(settlement.release, resources.settings.webhook_batch_size)
     _schedule(settlement.delayed)
-    announce(app, settlement.transitions)
-    return retries
+    announce(resources.app, settlement.transitions)
 
 
 def _enqueue(delivery_ids: list[str], batch_size: int) -> None:
@@ -302,21 +339,33 @@ def _schedule(delayed: list[tuple[str, datetime]]) -> None:
 
 @celery_app.task(name="tasks.deliver_webhook", bind=True, acks_late=True, max_retries=None, **_OUTCOME_IN_STORE)
 def deliver_webhook(self: Task, delivery_id: str) -> None:
-    """Make one attempt at one delivery; a failure that may pass schedules the next through the broker.
+    """Make one attempt at one delivery: a retry, a released or deferred delivery, or a manual re-send.
 
     The store, not Celery's retry counter, decides: ``claim`` lets only one worker send, and the
-    attempt number it hands out is checked against the retry schedule.
+    attempt number it hands out is checked against the retry schedule. A failure that may pass is
+    scheduled again through the broker (delayed delivery) once its attempt is recorded.
     """
-    for _, retry_in_s in _deliver(self, [delivery_id]):
-        raise self.retry(countdown=retry_in_s)
+    _deliver(self, [delivery_id])
 
 
 @celery_app.task(name="tasks.deliver_webhooks", bind=True, acks_late=True, max_retries=None, **_OUTCOME_IN_STORE)
 def deliver_webhooks(self: Task, delivery_ids: list[str]) -> None:
-    """Make one attempt at each of several deliveries: the router's fan-out unit.
+    """Make one attempt at each of several deliveries: the router's fan-out unit, claimed in one statement."""
+    _deliver(self, delivery_ids)
 
-    One claim and one record transaction for the whole batch, sends in parallel threads; each
-    delivery that must try again is retried alone, as ``tasks.deliver_webhook`` with a countdown.
-    """
-    for outcome, retry_in_s in _deliver(self, delivery_ids):
-        deliver_webhook.apply_async((outcome.job.delivery_id,), countdown=retry_in_s)
+
+@celery_app.task(name="tasks.recheck_webhooks", bind=True, acks_late=True, max_retries=None, **_OUTCOME_IN_STORE)
+def recheck_webhooks(self: Task, delivery_ids: list[str]) -> None:
+    """Send those of these deliveries a dead worker left behind: still open, lease run out, and due."""
+    resources = _process_resources(self.app)
+    try:
+        claim = deliveries.claim_many(resources.sessions, delivery_ids, resources.policy.lease_s, resources.policy)
+    except StoreError as exc:
+        raise self.retry(countdown=_STORE_RETRY_S) from exc
+    if claim.jobs:
+        logger.warning("webhook deliveries left behind by a worker, sending again",
+                       deliveries=[job.delivery_id for job in claim.jobs])
+    _HELD.inc(len(claim.held))
+    _schedule(claim.deferred)
+    for job in claim.jobs:
+        resources.send(job)
