@@ -1,11 +1,14 @@
 """hookgate's benchmark: one command, every figure beside the baselines measured in the same run.
 
     .venv/bin/python -m bench.run [--seconds 10] [--connections 64] [--http-workers 1] [--e2e-rate 1000]
+                                  [--only ceiling bare ingest batch e2e slow] [--receiver-delay 0.1]
 
 Phases: the raw ceiling (aio-pika, confirmed persistent publishes, many in flight); bare
 Starlette parsing a POST and answering 202; hookgate's durable ingest, single events and
 batches (wrk, 1 KB events); end to end, accepted -> received by a local receiver, at a fixed
-offered rate and flat out. Everything runs on this machine: the figures include the load
+offered rate and flat out; and "slow", a receiver that answers after 100 ms, reached first the
+way the Celery guide sends webhooks (bench/celery_guide.py) and then through hookgate.
+Everything runs on this machine: the figures include the load
 generator, RabbitMQ and the receiver sharing its cores.
 """
 
@@ -33,6 +36,7 @@ import aio_pika
 import httpx
 import orjson
 
+from bench import celery_guide
 from consumers.store.database import make_engine, make_sessionmaker, migrate
 from consumers.store.keys import create_api_key
 from schemas.keys import Scope
@@ -113,9 +117,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def event_body(extra: dict[str, object] | None = None) -> bytes:
-    body = orjson.dumps({"type": "order.paid", "source": "bench", "data": {**PAYLOAD, **(extra or {})}})
-    return body
+def event_body(extra: dict[str, object] | None = None, event_type: str = "order.paid") -> bytes:
+    return orjson.dumps({"type": event_type, "source": "bench", "data": {**PAYLOAD, **(extra or {})}})
 
 
 @contextmanager
@@ -202,7 +205,8 @@ async def aio_pika_ceiling(url: str, seconds: float, in_flight: int = 256) -> Re
                   note=f"{in_flight} in flight")
 
 
-async def drive(port: int, key: str, seconds: float, connections: int, rate: float | None) -> tuple[int, int]:
+async def drive(port: int, key: str, seconds: float, connections: int, rate: float | None,
+                event_type: str = "order.paid") -> tuple[int, int]:
     """POST events for ``seconds``, closed loop per connection or open loop at ``rate``/s; returns (ok, errors)."""
     ok = errors = 0
     deadline = time.perf_counter() + seconds
@@ -217,7 +221,7 @@ async def drive(port: int, key: str, seconds: float, connections: int, rate: flo
                 if next_at > now:
                     await asyncio.sleep(next_at - now)
                 next_at += interval
-            body = event_body({"sent_ns": time.time_ns()})
+            body = event_body({"sent_ns": time.time_ns()}, event_type)
             writer.write(b"POST /v1/events HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                          b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
             head = await reader.readuntil(b"\r\n\r\n")
@@ -277,7 +281,10 @@ def main() -> None:
     parser.add_argument("--e2e-rate", type=float, default=1000.0)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--database-url", default="", help="default: a fresh SQLite file")
-    parser.add_argument("--only", nargs="*", default=["ceiling", "bare", "ingest", "batch", "e2e"])
+    parser.add_argument("--only", nargs="*", default=["ceiling", "bare", "ingest", "batch", "e2e", "slow"])
+    parser.add_argument("--receiver-delay", type=float, default=0.1, help="the slow receiver's answer time (s)")
+    parser.add_argument("--baseline-events", type=int, default=200, help="events the Celery-guide baseline sends")
+    parser.add_argument("--slow-workers", type=int, default=4, help="worker processes (-c) in the slow phase")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, store) for a look")
     parser.add_argument("--log-level", default="WARNING", help="the processes' HOOKGATE_LOG_LEVEL (INFO costs CPU)")
     args = parser.parse_args()
@@ -335,6 +342,8 @@ def main() -> None:
                 rabbitmqctl("purge_queue", "-p", vhost, "hookgate.ingest")
             if "e2e" in args.only:
                 results.extend(end_to_end(args, hookgate, env, work, port, key, serve.pid))
+            if "slow" in args.only:
+                results.extend(slow_receiver(args, hookgate, env, work, port, key))
         print_table(results, args)
     finally:
         rabbitmqctl("delete_vhost", vhost)
@@ -378,6 +387,53 @@ def end_to_end(args: argparse.Namespace, hookgate: list[str], env: dict[str, str
                 spent = {group: (tree_cpu_s(pid) - before[group]) / len(rows) * 1e6 for group, pid in groups.items()}
                 result.note += "; CPU µs/delivery: " + ", ".join(f"{g} {us:.0f}" for g, us in spent.items())
             results.append(result)
+            print(results[-1], flush=True)
+    return results
+
+
+def slow_receiver(args: argparse.Namespace, hookgate: list[str], env: dict[str, str], work: Path, port: int,
+                  key: str) -> list[Result]:
+    """A receiver answering after ``--receiver-delay``: the Celery guide's way, then hookgate, same events."""
+    receiver_port = free_port()
+    ledger = work / "slow-ledger.txt"
+    url = f"http://127.0.0.1:{receiver_port}/hook"
+    receiver_env = {**env, "BENCH_LEDGER": str(ledger), "BENCH_DELAY_S": str(args.receiver_delay)}
+    results = []
+    with process([sys.executable, "-m", "uvicorn", "bench.receiver:app", "--port", str(receiver_port), "--http",
+                  "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"],
+                 receiver_env, work / "slow-receiver.log"):
+        baseline_env = {**env, "BENCH_BROKER_URL": env["HOOKGATE_BROKER_URL"]}
+        with process([sys.executable, "-m", "celery", "-A", "bench.celery_guide", "worker", "-l", "warning"],
+                     baseline_env, work / "baseline-worker.log"):
+            celery_guide.app.conf.broker_url = env["HOOKGATE_BROKER_URL"]
+            time.sleep(3)
+            ledger.write_bytes(b"")
+            for _ in range(args.baseline_events):
+                celery_guide.send_webhook.delay(url, {"type": "slow.created",
+                                                      "data": {**PAYLOAD, "sent_ns": time.time_ns()}})
+            rows = wait_ledger(ledger, args.baseline_events, timeout_s=args.baseline_events * args.receiver_delay + 60)
+            results.append(e2e_result(f"Celery guide: delay() per event, blocking POST ({args.receiver_delay:.2f} s)",
+                                      rows, args.baseline_events, 0))
+            print(results[-1], flush=True)
+        worker_env = {**env, "HOOKGATE_ENDPOINT_MAX_IN_FLIGHT": "1024"}
+        with (
+            process([*hookgate, "router"], env, work / "slow-router.log"),
+            process([*hookgate, "worker", "-Q", "webhooks", "-c", str(args.slow_workers)], worker_env,
+                    work / "slow-worker.log"),
+        ):
+            time.sleep(2)
+            created = httpx.post(f"http://127.0.0.1:{port}/v1/subscriptions", json={"event_types": ["slow.*"],
+                                 "url": url}, headers={"Authorization": f"Bearer {key}"})
+            created.raise_for_status()
+            time.sleep(2)  # the router's subscription cache
+            ledger.write_bytes(b"")
+            accepted, errors = asyncio.run(drive(port, key, args.seconds, args.connections, None, "slow.created"))
+            rows = wait_ledger(ledger, accepted, timeout_s=max(60.0, accepted / 200))
+            results.append(e2e_result(f"hookgate, receiver answering in {args.receiver_delay:.2f} s", rows, accepted,
+                                      errors))
+            baseline = results[0].rate
+            if baseline:
+                results[-1].note += f"; {results[-1].rate / baseline:.1f}x the Celery guide's way"
             print(results[-1], flush=True)
     return results
 
