@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     breaker_probe_interval_max_s: float = Field(default=600.0, gt=0)
     endpoint_disable_after_s: float = Field(default=5 * 24 * 3600.0, gt=0)
     # Deliveries being sent to one subscription at once, across all workers, unless it sets its own.
-    endpoint_max_in_flight: int = Field(default=16, ge=1)
+    endpoint_max_in_flight: int = Field(default=64, ge=1)
     task_soft_time_limit_s: int = 60
     task_time_limit_s: int = 90
 

@@ -122,10 +122,12 @@ def seed(sessions: sessionmaker[Session], url: str, secret: str, *, status: str 
 
 def load(sessions: sessionmaker[Session], delivery_id: str) -> tuple[Delivery, list[Attempt]]:
     with sessions() as session:
-        delivery = session.get(Delivery, delivery_id)
-        assert delivery is not None
+        # Attempts first: on PostgreSQL each statement sees the latest commit, so the delivery read
+        # after them is at least as new as they are (an attempt and its delivery's state commit together).
         attempts = session.scalars(select(Attempt).where(Attempt.delivery_id == delivery_id)
                                    .order_by(Attempt.number)).all()
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery is not None
         return delivery, list(attempts)
 
 
