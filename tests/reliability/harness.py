@@ -53,9 +53,11 @@ def reliability_settings(broker_url: str, database_url: str, **overrides: object
         "port": free_port(),
         "router_batch_wait_s": 0.01,
         "webhook_timeout_s": 2.0,
-        "webhook_backoff_base_s": 1.0,
-        "webhook_backoff_max_s": 4.0,
-        "webhook_max_attempts": 30,
+        # Thirty quick attempts: a receiver down for seconds is retried until it is back.
+        "retry_schedule": (0, 1, 1, 2, *(3,) * 26),
+        # A receiver down opens its breaker; probe it again soon, so the case drains in seconds.
+        "breaker_probe_interval_s": 1.0,
+        "breaker_probe_interval_max_s": 2.0,
         # Past the soft limit a batch's unfinished sends count as failed; a cold worker on a busy machine
         # needs seconds for its first task (imports, TLS context). A case that kills a worker lowers
         # these: its deliveries stay leased for the hard limit plus 30 s.

@@ -24,8 +24,9 @@ def _requests(stack: Stack, name: str) -> int:
 
 def test_a_webhook_worker_killed_mid_load_loses_nothing(broker_url: str, sqlite_url: str, tmp_path: Path) -> None:
     """A webhook worker SIGKILLed (pool and all) while it sends, then restarted: every accepted event arrives."""
-    # The deliveries the killed worker held stay leased for the hard time limit plus 30 s: keep the limit short.
-    settings = reliability_settings(broker_url, sqlite_url, task_soft_time_limit_s=2, task_time_limit_s=3)
+    # The deliveries the killed worker held stay leased for the hard time limit plus 30 s: keep the limit
+    # short, but not so short that the restarted worker's first (cold) task runs out of time.
+    settings = reliability_settings(broker_url, sqlite_url, task_soft_time_limit_s=6, task_time_limit_s=8)
     with running_stack(settings, tmp_path) as stack:
         load = Load(stack, 1000, rate_per_s=300).start()
         wait_until(lambda: _requests(stack, "all") >= 200, "deliveries under way")
@@ -75,14 +76,15 @@ def test_the_store_under_contention_from_every_process(broker_url: str, store_ur
     PostgreSQL every hookgate connection is also terminated three times mid-load."""
     settings = reliability_settings(broker_url, store_url)
     with running_stack(settings, tmp_path, workers=2, concurrency=4) as stack:
-        load = Load(stack, 2000, rate_per_s=700, clients=12).start()
+        load = Load(stack, 1200, rate_per_s=600, clients=12).start()
         terminated: list[int] = []
         if store_url.startswith("postgresql"):
-            for accepted in (300, 900, 1500):
+            for accepted in (200, 600, 1000):
                 load.wait_accepted(accepted)
                 terminated.append(_terminate_hookgate_connections(store_url))
         load.join()
         case = "store contention" + (f", PostgreSQL connections terminated {terminated}" if terminated else
                                      ", SQLite")
-        check_drained(stack, load, case)
+        # Drains slowly on 2 busy cores (2,000 events: 60 s on SQLite, 85 s on PostgreSQL): room to spare.
+        check_drained(stack, load, case, timeout_s=180)
         assert all(terminated), f"some terminations found no hookgate connection: {terminated}"

@@ -33,6 +33,9 @@ SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/events/batch"): Scope.EVENTS_WRITE,
     ("GET", "/v1/events/{event_id}"): Scope.EVENTS_READ,
     ("GET", "/metrics"): Scope.ADMIN,
+    ("GET", "/v1/deliveries"): Scope.EVENTS_READ,
+    ("GET", "/v1/deliveries/{delivery_id}"): Scope.EVENTS_READ,
+    ("POST", "/v1/deliveries/{delivery_id}/retry"): Scope.SUBSCRIPTIONS,
 }
 _SUBSCRIPTION_PATHS = ("/v1/subscriptions",)
 _EXAMPLES = 25
