@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ def decode_secret(secret: str) -> bytes:
     encoded = secret.removeprefix(SECRET_PREFIX)
     try:
         key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or a non-ASCII character
         raise InvalidSecretError("the signing secret is not valid base64 after 'whsec_'") from exc
     if not key:
         raise InvalidSecretError("the signing secret is empty")

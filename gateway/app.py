@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 *metrics.routes, *openapi.routes],
         # Starlette's own max_body_size answers a too-long Content-Length in plain text; BodyLimit with a problem.
         # RequestId first, outermost: BodyLimit's 413s carry the id too.
-        middleware=[Middleware(RequestId), Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
+        middleware=[Middleware(RequestId), Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                                                       timeout_s=settings.http_body_timeout_s)],
         exception_handlers=exception_handlers(),
         lifespan=_lifespan,
     )

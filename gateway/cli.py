@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
@@ -16,6 +17,7 @@ from consumers.logs import configure_logging, logging_config, wants_json
 from consumers.store.database import make_engine, make_sessionmaker, migrate
 from consumers.store.errors import StoreError
 from consumers.store.keys import create_api_key
+from gateway.httpserver import GuardedHttpToolsProtocol
 from gateway.supervisor import ChildSpec, Supervisor
 from schemas.keys import Scope
 from schemas.settings import Settings
@@ -84,7 +86,8 @@ def main() -> None:
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the HTTP gateway (uvicorn with httptools and uvloop).
 
-    The access log is off: writing a line per request costs ingest throughput.
+    The access log is off: writing a line per request costs ingest throughput. A request whose
+    headers or body arrive too slowly is answered 408 (HOOKGATE_HTTP_HEADER_TIMEOUT_S, _BODY_TIMEOUT_S).
     """
     settings = _start("gateway")
     uvicorn.run(
@@ -93,7 +96,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         host=settings.host if host is None else host,
         port=settings.port if port is None else port,
         workers=settings.http_workers if workers is None else workers,
-        http="httptools",
+        # httptools with a deadline for each request's head; the body's is the app's (BodyLimit).
+        http=functools.partial(GuardedHttpToolsProtocol, header_timeout_s=settings.http_header_timeout_s),
         loop="uvloop",
         access_log=False,
         # uvicorn applies this dictConfig in its own worker processes as well.

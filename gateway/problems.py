@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -113,43 +114,54 @@ def exception_handlers() -> dict[Any, ExceptionHandler]:
 
 
 class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with a 413 problem.
+    """Refuse request bodies over ``max_bytes`` (413), or not complete within ``timeout_s`` (408), with a problem.
 
     Starlette's own ``max_body_size`` answers a declared ``Content-Length`` over the limit in
-    plain text, whatever the handlers say, so the limit is enforced here instead (pure ASGI).
+    plain text, whatever the handlers say, so the limit is enforced here instead (pure ASGI). The
+    deadline runs from the start of the request until its last body chunk: a client that trickles
+    its body (slow-loris) is cut off. The request's head has its own deadline in the server
+    (``gateway.httpserver``).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if declared is not None:
-            if declared > self.max_bytes:
-                await problem_response(413, _too_large_detail(self.max_bytes))(scope, receive, send)
-                return
-            # The server frames the body by Content-Length, so it cannot grow past what was declared.
-            await self.app(scope, receive, send)
+        if declared is not None and declared > self.max_bytes:
+            await problem_response(413, _too_large_detail(self.max_bytes))(scope, receive, send)
             return
-        await self.app(scope, self._counting(receive), send)
+        # Counted whether or not a Content-Length was declared: chunked bodies have none.
+        await self.app(scope, self._guarded(receive), send)
 
-    def _counting(self, receive: Receive) -> Receive:
+    def _guarded(self, receive: Receive) -> Receive:
         received = 0
+        complete = False
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
 
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
+        async def receive_guarded() -> Message:
+            nonlocal received, complete
+            if complete or deadline is None:
+                return await receive()  # after the body: waiting for a disconnect has no deadline
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise Problem(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                              headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
+                complete = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise Problem(413, _too_large_detail(self.max_bytes))
             return message
 
-        return receive_limited
+        return receive_guarded
 
 
 def _content_length(scope: Scope) -> int | None:

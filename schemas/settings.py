@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     http_workers: int = 1
+    # Slow clients (slow-loris): a request's line and headers, then its body, must each arrive in time
+    # or the gateway answers 408 and closes the connection.
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 30.0
 
     # Metrics: ports of the router's and each worker's metrics server (0 = none), and whether the
     # gateway's /metrics answers without an admin key.

@@ -1,4 +1,4 @@
-"""Shared fixtures: a fresh RabbitMQ vhost per test module, and both stores, migrated."""
+"""Shared fixtures: a fresh RabbitMQ vhost per test module, and both stores, migrated; the log scan plugin."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ import pytest
 
 from consumers.store.database import migrate
 from schemas.settings import Settings
+
+# tests/logscan.py: every key and secret the run creates is looked for in the run's logs at the end.
+# pytester: tests/security/test_security_log_scan.py runs an inner pytest to show the scan failing a run.
+pytest_plugins = ["tests.logscan", "pytester"]
 
 RABBIT_HOST = os.environ.get("HOOKGATE_TEST_RABBIT_HOST", "127.0.0.1")
 PG_ADMIN_URL = os.environ.get("HOOKGATE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

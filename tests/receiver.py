@@ -76,11 +76,13 @@ class Receiver:
     """A signature-verifying HTTP endpoint with a ledger; use it as a context manager."""
 
     def __init__(self, secret: str, *, script: Iterable[int | Reply] = (), default: int | Reply = 200,
-                 path: str = "/hook") -> None:
+                 path: str = "/hook", port: int = 0) -> None:
         self._webhook = Webhook(secret)
         self._script: deque[Reply] = deque(_reply(r) for r in script)
         self._default = _reply(default)
         self._path = path
+        # A fixed port lets a second receiver take over the first one's URL (a receiver down, then back).
+        self._port = port
         self._ledger: list[Received] = []
         self._changed = threading.Condition()
         self._socket: socket.socket | None = None
@@ -139,7 +141,7 @@ class Receiver:
         app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=["GET", "POST", "PUT"])])
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
+        self._socket.bind(("127.0.0.1", self._port))
         self.base_url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
         config = uvicorn.Config(app, loop="uvloop", http="httptools", ws="none", lifespan="off",
                                 log_level="warning", access_log=False, timeout_graceful_shutdown=2)
