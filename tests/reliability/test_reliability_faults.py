@@ -71,17 +71,10 @@ def _terminate_hookgate_connections(database_url: str) -> int:
         ).fetchall())
 
 
-def test_the_store_under_contention_from_every_process(broker_url: str, store_url: str, tmp_path: Path,
-                                                        request: pytest.FixtureRequest) -> None:
+def test_the_store_under_contention_from_every_process(broker_url: str, store_url: str, tmp_path: Path) -> None:
     """Gateway, router and two workers of four processes write at once (SQLite's one writer lock); on
-    PostgreSQL every hookgate connection is also terminated three times mid-load."""
-    if store_url.startswith("postgresql"):
-        # Known gap, not a flake: when a termination hits the recording of an attempt that was sent, the
-        # worker logs "late webhook attempt not recorded" (or the task fails with StoreError) and the
-        # delivery stays pending under an expired lease, for a stuck-delivery sweep that does not exist
-        # yet. The case runs in full; remove this once deliveries stranded that way are sent again.
-        request.applymarker(pytest.mark.xfail(reason="no stuck-delivery sweep: a failed attempt record strands "
-                                                     "its delivery", strict=False))
+    PostgreSQL every hookgate connection is also terminated three times mid-load (a worker's recorder
+    holds the attempts it could not write and tries again)."""
     settings = reliability_settings(broker_url, store_url)
     with running_stack(settings, tmp_path, workers=2, concurrency=4) as stack:
         load = Load(stack, 1200, rate_per_s=600, clients=12).start()
