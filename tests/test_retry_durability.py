@@ -14,6 +14,7 @@ from consumers.celery_app import make_celery
 from consumers.store.database import make_engine, make_sessionmaker
 from consumers.topology import declare_topology
 from schemas.settings import Settings
+from tests.rabbitnode import RabbitNode
 from tests.receiver import Receiver, make_secret
 from tests.seeding import add_delivery, add_subscription, statuses, wait_for
 from tests.workers import Worker
@@ -49,4 +50,34 @@ def test_worker_killed_with_retries_pending_loses_none(make_settings: Callable[.
     finally:
         sender.close()
         engine.dispose()
+    assert set(sent) == set(ids) and set(sent.values()) == {2}
+
+
+def test_broker_restarted_with_retries_pending_loses_none_and_sends_none_twice(
+        make_settings: Callable[..., Settings], sqlite_url: str, tmp_path: Path) -> None:
+    """Twenty retries wait in a private RabbitMQ node's delayed queues while it is stopped and started
+    again: after the restart each is sent once, so every delivery reaches the receiver exactly twice."""
+    with RabbitNode(tmp_path / "rabbit") as node:
+        settings = make_settings(broker_url=node.url, database_url=sqlite_url, retry_schedule=(0, 20),
+                                 breaker_min_attempts=1000)
+        with Connection(settings.broker_url) as conn:
+            declare_topology(conn)
+        engine = make_engine(sqlite_url)
+        sessions = make_sessionmaker(engine)
+        sender = make_celery(settings)
+        secret = make_secret()
+        try:
+            with Receiver(secret, script=[503] * 20) as receiver, Worker(settings, tmp_path / "worker.log"):
+                subscription_id = add_subscription(sessions, receiver.url, secret)
+                ids = [add_delivery(sessions, subscription_id) for _ in range(20)]
+                sender.send_task("tasks.deliver_webhooks", args=[ids], queue="webhooks")
+                receiver.wait_for(20, timeout_s=15)
+                wait_for(lambda: statuses(sessions, subscription_id).get("retrying", 0) == 20, 5, "20 retrying")
+                node.stop()
+                node.start()
+                wait_for(lambda: statuses(sessions, subscription_id).get("succeeded", 0) == 20, 60, "all delivered")
+                sent = Counter(r.webhook_id for r in receiver.ledger)
+        finally:
+            sender.close()
+            engine.dispose()
     assert set(sent) == set(ids) and set(sent.values()) == {2}
