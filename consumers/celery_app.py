@@ -70,8 +70,9 @@ def _bind_task_to_logs(task_id: str, task: Task, **_: Any) -> None:
 
 
 @task_postrun.connect
-def _unbind_task_from_logs(**_: Any) -> None:
-    structlog.contextvars.unbind_contextvars("task_id", "task")
+def _clear_task_from_logs(**_: Any) -> None:
+    """Whatever a task bound (its id, its deliveries) stays with it."""
+    structlog.contextvars.clear_contextvars()
 
 
 celery_app = make_celery(Settings())

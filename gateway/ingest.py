@@ -123,6 +123,7 @@ async def post_event(request: Request) -> Response:
                           f"{STRUCTURED}, or a binary-mode CloudEvent with ce-* headers", title="Unsupported media")
     except EnvelopeError as exc:
         raise _invalid(exc) from exc
+    structlog.contextvars.bind_contextvars(event_id=event.id)
     await _publish(request, [event])
     return _accepted({"id": event.id})
 

@@ -265,6 +265,11 @@ def _skip(sessions: sessionmaker[Session], delivery_id: str, lease_s: int, redel
 
 def _deliver(task: Task, delivery_ids: list[str]) -> None:
     """Claim these deliveries and start their sends; the recorder thread records how they went."""
+    # Every line this task writes names its deliveries (task_id and task are bound by celery_app).
+    if len(delivery_ids) == 1:
+        structlog.contextvars.bind_contextvars(delivery_id=delivery_ids[0])
+    else:
+        structlog.contextvars.bind_contextvars(delivery_ids=delivery_ids)
     resources = _process_resources(task.app)
     try:
         claim = deliveries.claim_many(resources.sessions, delivery_ids, resources.policy.lease_s, resources.policy)
