@@ -1,25 +1,39 @@
-"""The HTTP side of a webhook send: a keep-alive httpx transport that never follows redirects.
+"""The HTTP side of a webhook send: checked targets, pinned addresses, keep-alive, no redirects.
 
 Errors::
 
+    UnsafeTargetError         (consumers.ssrf) the URL may not be called; nothing was sent
     WebhookTransportError     no response at all: timeout, refused, reset, TLS or protocol failure
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ssl
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 
+import httpcore
 import httpx
+
+from consumers.ssrf import Target, TargetPolicy, check_target
 
 __all__ = ["RESPONSE_EXCERPT_BYTES", "WebhookClient", "WebhookResponse", "WebhookTransportError"]
 
 # Enough of a response body to show an operator why an endpoint refused, without storing pages.
 RESPONSE_EXCERPT_BYTES = 4096
+# httpx's defaults: idle connections kept per client, and how long an idle one is kept.
+_MAX_KEEPALIVE = 20
+_KEEPALIVE_EXPIRY_S = 5.0
 
 
 class WebhookTransportError(Exception):
-    """The endpoint gave no HTTP response; the message names the httpx error for the attempt log."""
+    """The endpoint gave no HTTP response; the message names the httpcore error for the attempt log."""
+
+
+# Everything httpcore raises when no usable response came back (TLS failures arrive as ConnectError).
+_TRANSPORT_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
+                     httpcore.UnsupportedProtocol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,42 +50,112 @@ class WebhookResponse:
         return 200 <= self.status_code < 300
 
 
-class WebhookClient:
-    """One per worker process: the pool's sockets must not be shared across a fork.
+class _PinnedBackend(httpcore.NetworkBackend):
+    """Opens a connection to a host only at the addresses the SSRF guard checked for it.
 
-    It talks to httpx's transport directly: the client layer (cookies, auth, redirects, event hooks)
-    does nothing a webhook needs and costs a third of the CPU of a send; redirects are thereby never
-    followed.
+    The pool names the host (so TLS sends it as SNI and verifies the certificate against it, and
+    keep-alive connections are per host), but the socket goes to a checked IP: nothing here resolves
+    a name, so a DNS answer that changes after the check (rebinding) is never used.
     """
 
-    def __init__(self, *, timeout_s: float, user_agent: str) -> None:
-        # Environment proxies and .netrc credentials must never apply to user-chosen URLs, so no trust_env.
-        self._transport = httpx.HTTPTransport()
+    def __init__(self) -> None:
+        self._sockets = httpcore.SyncBackend()
+        self._pins: dict[tuple[str, int], tuple[str, ...]] = {}
+
+    def pin(self, target: Target) -> None:
+        self._pins[(target.host, target.port)] = target.addresses
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None) -> httpcore.NetworkStream:
+        addresses = self._pins.get((host, port))
+        if not addresses:
+            raise httpcore.ConnectError(f"{host}:{port} was not checked by the SSRF guard")
+        # Each checked address in turn, as socket.create_connection tries each resolved one.
+        for address in addresses[:-1]:
+            try:
+                return self._sockets.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError:
+                continue
+        return self._sockets.connect_tcp(addresses[-1], port, timeout, local_address, socket_options)
+
+    def sleep(self, seconds: float) -> None:
+        self._sockets.sleep(seconds)
+
+
+class WebhookClient:
+    """One per sending thread: a pool's sockets must not be shared across a fork or between threads.
+
+    It talks to httpcore's connection pool directly: httpx's client layer (cookies, auth, redirects,
+    event hooks, environment proxies and .netrc) does nothing a webhook needs, must not apply to
+    user-chosen URLs, and costs CPU on every send; redirects are thereby never followed. The URL is
+    parsed once, by httpx, for both the SSRF check and the request.
+    """
+
+    def __init__(self, *, timeout_s: float, user_agent: str, policy: TargetPolicy,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._backend = _PinnedBackend()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context or _default_ssl_context(), max_keepalive_connections=_MAX_KEEPALIVE,
+            keepalive_expiry=_KEEPALIVE_EXPIRY_S, network_backend=self._backend,
+        )
+        self._policy = policy
         self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
-        self._user_agent = user_agent
+        self._user_agent = user_agent.encode()
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> WebhookResponse:
-        """POST ``body`` and read at most the excerpt of the answer; raises WebhookTransportError."""
+        """Check the URL, POST ``body`` to a checked address and read at most the excerpt of the answer.
+
+        Raises ``UnsafeTargetError`` (nothing sent) or ``WebhookTransportError``.
+        """
+        target = check_target(url, self._policy)
+        self._backend.pin(target)
+        request = httpcore.Request(
+            b"POST",
+            httpcore.URL(scheme=target.url.raw_scheme, host=target.url.raw_host, port=target.url.port,
+                         target=target.url.raw_path),
+            # httpcore's Request adds neither Host nor Content-Length; netloc brackets IPv6 and keeps a port.
+            headers=[(b"host", target.url.netloc), (b"content-length", b"%d" % len(body)),
+                     (b"user-agent", self._user_agent), *((k.encode(), v.encode()) for k, v in headers.items())],
+            content=body,
+            extensions=self._extensions,
+        )
         try:
-            request = httpx.Request("POST", url, headers={"user-agent": self._user_agent, **headers}, content=body,
-                                    extensions=self._extensions)
-            response = self._transport.handle_request(request)
+            response = self._pool.handle_request(request)
             try:
                 excerpt = bytearray()
-                for chunk in response.stream:
+                for chunk in response.stream:  # type: ignore[union-attr]
                     excerpt += chunk
                     if len(excerpt) >= RESPONSE_EXCERPT_BYTES:
                         # Leaving the rest unread closes this connection instead of draining a big body.
                         break
             finally:
                 response.close()
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise WebhookTransportError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
         return WebhookResponse(
-            status_code=response.status_code,
-            headers=dict(response.headers),
+            status_code=response.status,
+            headers=_header_dict(response.headers),
             body_excerpt=excerpt[:RESPONSE_EXCERPT_BYTES].decode("utf-8", errors="replace"),
         )
 
     def close(self) -> None:
-        self._transport.close()
+        self._pool.close()
+
+
+@cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """httpx's context: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR when set (a private CA).
+
+    Loading the CAs costs ~90 ms of CPU, so the clients of a process share one context (it is
+    thread-safe); made on first use, after the fork.
+    """
+    return httpx.create_ssl_context()
+
+
+def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Lower-case names; repeated headers joined with ", ", as httpx shows them."""
+    merged: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        merged[name] = f"{merged[name]}, {value}" if name in merged else value
+    return merged

@@ -23,7 +23,14 @@ from schemas.deliveries import (
     RecoverResult,
 )
 from schemas.events import CloudEvent
-from schemas.subscriptions import SubscriptionCreate, SubscriptionOut, SubscriptionPage, SubscriptionUpdate
+from schemas.subscriptions import (
+    SecretRotation,
+    SubscriptionCreate,
+    SubscriptionOut,
+    SubscriptionPage,
+    SubscriptionSecret,
+    SubscriptionUpdate,
+)
 
 __all__ = ["openapi_document", "routes"]
 
@@ -33,6 +40,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (SubscriptionUpdate, "validation"),
     (SubscriptionOut, "serialization"),
     (SubscriptionPage, "serialization"),
+    (SecretRotation, "validation"),
+    (SubscriptionSecret, "serialization"),
     (EventDeliveries, "serialization"),
     (DeliveryOut, "serialization"),
     (DeliveryPage, "serialization"),
@@ -255,7 +264,8 @@ def _paths() -> dict[str, Any]:
             },
             "patch": {
                 "operationId": "updateSubscription",
-                "summary": "Change the fields sent (enabled, event_types, url, description)",
+                "summary": "Change the fields sent; null resets retry_schedule, rate_limit_per_s, max_in_flight",
+                "description": "Re-enabling (`enabled: true`) clears `disabled_reason`.",
                 "security": _AUTH,
                 "requestBody": {"required": True, **_json(_ref("SubscriptionUpdate"))},
                 "responses": {
@@ -279,6 +289,22 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "The secret.", **_json(_ref("SubscriptionSecret"))},
                     **_problems(401, 403, 404, 503),
+                },
+            }
+        },
+        "/v1/subscriptions/{subscription_id}/rotate-secret": {
+            "post": {
+                "operationId": "rotateSubscriptionSecret",
+                "summary": "Issue a new signing secret; the old one keeps signing during the grace period",
+                "description": "Until `previous_secret_expires_at` (`HOOKGATE_SECRET_ROTATION_GRACE_S` after the "
+                "rotation) every request carries both signatures, space-separated. Without a body the new "
+                "secret is generated.",
+                "security": _AUTH,
+                "parameters": [{"name": "subscription_id", **_PATH_ID}],
+                "requestBody": {"required": False, **_json(_ref("SecretRotation"))},
+                "responses": {
+                    "200": {"description": "The new secret, shown this once.", **_json(_ref("SubscriptionSecret"))},
+                    **_problems(400, 401, 403, 404, 413, 415, 422, 503),
                 },
             }
         },
@@ -409,7 +435,6 @@ def _schemas() -> dict[str, Any]:
             "required": ["ids"],
             "properties": {"ids": {"type": "array", "items": {"type": "string"}}},
         },
-        SubscriptionSecret={"type": "object", "required": ["secret"], "properties": {"secret": {"type": "string"}}},
         Status={"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
     )
     return schemas

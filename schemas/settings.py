@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,6 +22,8 @@ class Settings(BaseSettings):
     # Celery's result backend; empty means the store's database (Celery's SQLAlchemy backend).
     result_backend: str = ""
     allow_private_targets: bool = False
+    # Networks webhook targets may resolve into even though they are not public (comma-separated CIDRs).
+    allowed_target_cidrs: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
 
     # Ingest.
     max_body_bytes: int = 256 * 1024
@@ -55,6 +58,8 @@ class Settings(BaseSettings):
     endpoint_disable_after_s: float = Field(default=5 * 24 * 3600.0, gt=0)
     # Deliveries being sent to one subscription at once, across all workers, unless it sets its own.
     endpoint_max_in_flight: int = Field(default=64, ge=1)
+    # How long a rotated-out signing secret keeps signing beside the new one.
+    secret_rotation_grace_s: float = Field(default=86400.0, ge=0)
     task_soft_time_limit_s: int = 60
     task_time_limit_s: int = 90
 
@@ -82,12 +87,13 @@ class Settings(BaseSettings):
     # How long `hookgate up` waits for its children to stop before killing them.
     shutdown_timeout_s: float = 30.0
 
-    @field_validator("retry_schedule", mode="before")
+    @field_validator("retry_schedule", "allowed_target_cidrs", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         # "0,5,300" as documented; a JSON list as well, which is how settings are handed to child processes.
         if isinstance(value, str):
-            return tuple(float(part) for part in value.strip().strip("[]").split(",") if part.strip())
+            parts = value.strip().strip("[]").split(",")
+            return tuple(part.strip().strip('"') for part in parts if part.strip())
         return value
 
     @field_validator("retry_schedule")

@@ -9,11 +9,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.retries import validate_retry_schedule
+
 __all__ = [
     "Channel",
+    "PayloadFormat",
+    "SecretRotation",
     "SubscriptionCreate",
     "SubscriptionOut",
     "SubscriptionPage",
+    "SubscriptionSecret",
     "SubscriptionUpdate",
     "validate_secret",
     "validate_topic_pattern",
@@ -28,6 +33,19 @@ class Channel(StrEnum):
     WEBHOOK = "webhook"
     EMAIL = "email"
     TASK = "task"
+
+
+class PayloadFormat(StrEnum):
+    """How a webhook carries its event; both are signed with the Standard Webhooks headers."""
+
+    # {"type", "timestamp", "data"} as application/json.
+    STANDARD_WEBHOOKS = "standard-webhooks"
+    # The structured CloudEvent as application/cloudevents+json (CloudEvents HTTP binding, structured mode).
+    CLOUDEVENTS = "cloudevents"
+
+    @property
+    def content_type(self) -> str:
+        return "application/cloudevents+json" if self is PayloadFormat.CLOUDEVENTS else "application/json"
 
 
 def validate_topic_pattern(pattern: str) -> str:
@@ -61,6 +79,11 @@ class _SubscriptionFields(BaseModel):
     def _secret(cls, value: str | None) -> str | None:
         return None if value is None else validate_secret(value)
 
+    @field_validator("retry_schedule", check_fields=False)
+    @classmethod
+    def _schedule(cls, value: list[float] | None) -> list[float] | None:
+        return None if value is None else list(validate_retry_schedule(value))
+
 
 class SubscriptionCreate(_SubscriptionFields):
     """What a client sends to create a subscription."""
@@ -71,6 +94,15 @@ class SubscriptionCreate(_SubscriptionFields):
     secret: str | None = None
     description: str = Field(default="", max_length=1000)
     enabled: bool = True
+    # Delivery behaviour (webhooks): null means the global setting.
+    retry_schedule: list[float] | None = Field(
+        default=None, description="Seconds before each attempt; null: HOOKGATE_RETRY_SCHEDULE."
+    )
+    payload_format: PayloadFormat = PayloadFormat.STANDARD_WEBHOOKS
+    rate_limit_per_s: float | None = Field(default=None, gt=0, description="Requests per second; null: unlimited.")
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="Concurrent requests to the endpoint; null: the global default."
+    )
     # Channel options for email and task subscriptions (their own issues give them a schema).
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -90,14 +122,23 @@ class SubscriptionUpdate(_SubscriptionFields):
     url: str | None = Field(default=None, max_length=2048)
     description: str | None = Field(default=None, max_length=1000)
     enabled: bool | None = None
+    # null is a value here: back to the global setting.
+    retry_schedule: list[float] | None = None
+    payload_format: PayloadFormat | None = None
+    rate_limit_per_s: float | None = Field(default=None, gt=0)
+    max_in_flight: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _no_nulls(self) -> SubscriptionUpdate:
         # Absent means "leave as is"; an explicit null would erase a required field.
-        nulls = sorted(name for name in self.model_fields_set if getattr(self, name) is None)
+        nulls = sorted(name for name in self.model_fields_set - _NULLABLE if getattr(self, name) is None)
         if nulls:
             raise ValueError(f"{', '.join(nulls)} cannot be null; leave a field out to keep it")
         return self
+
+
+# Fields whose null means "the global default" rather than "erase".
+_NULLABLE = frozenset({"retry_schedule", "rate_limit_per_s", "max_in_flight"})
 
 
 class SubscriptionOut(BaseModel):
@@ -109,6 +150,12 @@ class SubscriptionOut(BaseModel):
     url: str | None
     description: str
     enabled: bool
+    # Why hookgate disabled the subscription (e.g. the endpoint answered 410); cleared on re-enabling.
+    disabled_reason: str | None = None
+    retry_schedule: list[float] | None = None
+    payload_format: PayloadFormat = PayloadFormat.STANDARD_WEBHOOKS
+    rate_limit_per_s: float | None = None
+    max_in_flight: int | None = None
     options: dict[str, Any]
     created_at: datetime
     updated_at: datetime
@@ -120,3 +167,23 @@ class SubscriptionPage(BaseModel):
 
     items: list[SubscriptionOut]
     next_after: str | None
+
+
+class SecretRotation(BaseModel):
+    """``POST /v1/subscriptions/{id}/rotate-secret``: the new secret, or none to have one generated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret: str | None = None
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return None if value is None else validate_secret(value)
+
+
+class SubscriptionSecret(BaseModel):
+    """A subscription's current signing secret, and until when the one before it still signs."""
+
+    secret: str
+    previous_secret_expires_at: datetime | None = None

@@ -81,7 +81,7 @@ async def test_a_given_secret_is_kept(gateway: Gateway, headers: dict[str, str])
     created = await create(gateway, headers, secret=secret)
     assert created["secret"] == secret
     response = await gateway.client.get(f"/v1/subscriptions/{created['id']}/secret", headers=headers)
-    assert response.json() == {"secret": secret}
+    assert response.json() == {"secret": secret, "previous_secret_expires_at": None}
 
 
 async def test_get_shows_the_subscription_without_its_secret(gateway: Gateway, headers: dict[str, str]) -> None:
@@ -94,7 +94,7 @@ async def test_get_shows_the_subscription_without_its_secret(gateway: Gateway, h
     assert created["secret"] not in response.text
     assert shown == {k: v for k, v in created.items() if k != "secret"}
     response = await gateway.client.get(f"/v1/subscriptions/{created['id']}/secret", headers=headers)
-    assert response.json() == {"secret": created["secret"]}
+    assert response.json() == {"secret": created["secret"], "previous_secret_expires_at": None}
 
 
 async def test_list_pages_in_creation_order_without_secrets(gateway: Gateway, headers: dict[str, str]) -> None:

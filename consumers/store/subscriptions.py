@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,14 +14,23 @@ from consumers.store.errors import translate_errors
 from consumers.store.models import Delivery, EndpointHealth, Subscription
 from schemas.deliveries import OPEN_STATUSES, DeliveryStatus
 from schemas.ids import new_id
-from schemas.subscriptions import Channel, SubscriptionCreate, SubscriptionOut, SubscriptionUpdate
+from schemas.subscriptions import (
+    Channel,
+    PayloadFormat,
+    SubscriptionCreate,
+    SubscriptionOut,
+    SubscriptionSecret,
+    SubscriptionUpdate,
+)
 
 __all__ = [
     "create_subscription",
     "delete_subscription",
     "generate_secret",
+    "get_secret",
     "get_subscription",
     "list_subscriptions",
+    "rotate_secret",
     "update_subscription",
 ]
 
@@ -38,6 +48,11 @@ def _out(row: Subscription, *, with_secret: bool) -> SubscriptionOut:
         url=row.url,
         description=row.description,
         enabled=row.enabled,
+        disabled_reason=row.disabled_reason,
+        retry_schedule=list(row.retry_schedule) if row.retry_schedule is not None else None,
+        payload_format=PayloadFormat(row.payload_format),
+        rate_limit_per_s=row.rate_limit_per_s,
+        max_in_flight=row.max_in_flight,
         options=dict(row.options or {}),
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -64,6 +79,10 @@ def create_subscription(
         secret=data.secret or (generate_secret() if data.channel is Channel.WEBHOOK else None),
         description=data.description,
         enabled=data.enabled,
+        retry_schedule=data.retry_schedule,
+        payload_format=data.payload_format.value,
+        rate_limit_per_s=data.rate_limit_per_s,
+        max_in_flight=data.max_in_flight,
         options=dict(data.options),
         owner_key_id=owner_key_id,
         created_at=now,
@@ -111,12 +130,48 @@ def update_subscription(
         if fields:
             for name, value in fields.items():
                 setattr(row, name, value)
+            if fields.get("enabled"):
+                # The client has dealt with whatever made hookgate disable it.
+                row.disabled_reason = None
             row.updated_at = utcnow()
         if fields.get("enabled") is True:
             # Enabled again by a person: whatever disabled it, and its endpoint's record, start afresh.
             row.disabled_reason = None
             session.execute(delete(EndpointHealth).where(EndpointHealth.subscription_id == subscription_id))
     return _out(row, with_secret=False)
+
+
+def get_secret(sessions: sessionmaker[Session], subscription_id: str) -> SubscriptionSecret | None:
+    """The live subscription's current secret and its predecessor's expiry, or None if not found."""
+    with translate_errors("reading a subscription's secret"), sessions() as session:
+        row = _live(session, subscription_id)
+        if row is None or row.secret is None:
+            return None
+        return SubscriptionSecret(secret=row.secret, previous_secret_expires_at=_still_valid(row))
+
+
+def rotate_secret(sessions: sessionmaker[Session], subscription_id: str, new_secret: str | None, *,
+                  grace_s: float) -> SubscriptionSecret | None:
+    """Make ``new_secret`` (or a generated one) current; the old one keeps signing for ``grace_s``.
+
+    Only the secret just replaced stays valid: rotating twice within a grace period drops the oldest.
+    None if there is no such live subscription with a secret.
+    """
+    now = utcnow()
+    with translate_errors("rotating a subscription's secret"), sessions.begin() as session:
+        row = _live(session, subscription_id)
+        if row is None or row.secret is None:
+            return None
+        row.previous_secret = row.secret if grace_s > 0 else None
+        row.previous_secret_expires_at = now + timedelta(seconds=grace_s) if grace_s > 0 else None
+        row.secret = new_secret or generate_secret()
+        row.updated_at = now
+        return SubscriptionSecret(secret=row.secret, previous_secret_expires_at=_still_valid(row))
+
+
+def _still_valid(row: Subscription) -> datetime | None:
+    expires_at = row.previous_secret_expires_at
+    return expires_at if row.previous_secret and expires_at and expires_at > utcnow() else None
 
 
 def delete_subscription(sessions: sessionmaker[Session], subscription_id: str) -> int | None:

@@ -32,7 +32,7 @@ from consumers.metrics import (
 )
 from consumers.retry_policy import RetryPolicy, parse_retry_after
 from consumers.signing import InvalidSecretError, sign
-from consumers.ssrf import UnsafeTargetError, check_target
+from consumers.ssrf import TargetPolicy, UnsafeTargetError
 from consumers.store import deliveries
 from consumers.store.database import make_engine, make_sessionmaker, utcnow
 from consumers.store.deliveries import AttemptRecord, DeliveryJob, Outcome, SkipReason
@@ -41,6 +41,7 @@ from consumers.store.errors import StoreError
 from consumers.webhook_client import WebhookClient, WebhookResponse, WebhookTransportError
 from schemas.deliveries import DeliveryStatus
 from schemas.settings import Settings
+from schemas.subscriptions import PayloadFormat
 
 __all__ = ["USER_AGENT", "deliver_webhook", "deliver_webhooks", "recheck_webhooks", "webhook_body"]
 
@@ -98,8 +99,7 @@ class _ProcessResources:
         # One client per sending thread: a shared connection pool serialises concurrent sends.
         client: WebhookClient | None = getattr(self.local, "client", None)
         if client is None:
-            client = self.local.client = WebhookClient(timeout_s=self.settings.webhook_timeout_s,
-                                                       user_agent=USER_AGENT)
+            client = self.local.client = _new_client(self.settings)
             self.clients.append(client)
         return client
 
@@ -155,6 +155,11 @@ class _ProcessResources:
 _resources: _ProcessResources | None = None
 
 
+def _new_client(settings: Settings) -> WebhookClient:
+    return WebhookClient(timeout_s=settings.webhook_timeout_s, user_agent=USER_AGENT,
+                         policy=TargetPolicy.from_settings(settings))
+
+
 def _process_resources(app: Celery) -> _ProcessResources:
     global _resources
     if _resources is None or _resources.pid != os.getpid():
@@ -181,10 +186,14 @@ def _close_process_resources(**_: Any) -> None:
 
 
 def webhook_body(job: DeliveryJob) -> bytes:
-    """The Standard Webhooks payload ``{"type", "timestamp", "data"}`` of the job's event.
+    """The request body in the subscription's payload format.
 
-    Binary data the router kept as ``data_base64`` travels as such beside an empty ``data``.
+    Standard Webhooks: ``{"type", "timestamp", "data"}`` of the job's event; binary data the router
+    kept as ``data_base64`` travels as such beside an empty ``data``. CloudEvents: the structured
+    event exactly as it was routed.
     """
+    if job.payload_format == PayloadFormat.CLOUDEVENTS:
+        return job.event_body.encode()
     event = orjson.loads(job.event_body)
     payload: dict[str, Any] = {
         "type": job.event_type,
@@ -196,13 +205,21 @@ def webhook_body(job: DeliveryJob) -> bytes:
     return orjson.dumps(payload)
 
 
+def _signing_secrets(job: DeliveryJob) -> list[str]:
+    """The current secret, and the one it replaced while that one's grace period lasts."""
+    if job.previous_secret and job.previous_secret_expires_at and job.previous_secret_expires_at > utcnow():
+        return [job.secret, job.previous_secret]
+    return [job.secret]
+
+
 def _post(client: WebhookClient, job: DeliveryJob, body: bytes) -> tuple[AttemptRecord, WebhookResponse | None]:
+    """Sign and send; raises UnsafeTargetError (nothing sent) when the URL's host may not be called."""
     timestamp = int(time.time())
     headers = {
         "webhook-id": job.delivery_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign([job.secret], job.delivery_id, timestamp, body),
-        "content-type": "application/json",
+        "webhook-signature": sign(_signing_secrets(job), job.delivery_id, timestamp, body),
+        "content-type": PayloadFormat(job.payload_format).content_type,
     }
     started_at, started = utcnow(), time.perf_counter()
     try:
@@ -224,7 +241,6 @@ def _attempt(client: WebhookClient, job: DeliveryJob, settings: Settings) -> tup
     if job.send_at is not None:
         time.sleep(max(0.0, (job.send_at - utcnow()).total_seconds()))
     try:
-        check_target(job.url, allow_private=settings.allow_private_targets)
         record, response = _post(client, job, webhook_body(job))
     except (UnsafeTargetError, InvalidSecretError) as exc:
         if not isinstance(exc.__cause__, socket.gaierror):

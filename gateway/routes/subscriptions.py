@@ -8,10 +8,10 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from consumers.ssrf import UnsafeTargetError, check_target
+from consumers.ssrf import TargetPolicy, UnsafeTargetError, check_target
 from consumers.store import deliveries
 from consumers.store import subscriptions as store
 from gateway.auth import authenticate
@@ -20,7 +20,13 @@ from gateway.routes._json import model_response, read_model, validated
 from gateway.routes.deliveries import enqueue_deliveries
 from schemas.keys import Scope
 from schemas.settings import Settings
-from schemas.subscriptions import SubscriptionCreate, SubscriptionOut, SubscriptionPage, SubscriptionUpdate
+from schemas.subscriptions import (
+    SecretRotation,
+    SubscriptionCreate,
+    SubscriptionOut,
+    SubscriptionPage,
+    SubscriptionUpdate,
+)
 
 __all__ = ["PAGE_LIMIT_DEFAULT", "PAGE_LIMIT_MAX", "routes"]
 
@@ -42,7 +48,7 @@ async def _check_url(request: Request, url: str) -> None:
     settings: Settings = request.app.state.settings
     try:
         # Resolving the host is blocking DNS: keep it off the event loop.
-        await asyncio.to_thread(check_target, url, allow_private=settings.allow_private_targets)
+        await asyncio.to_thread(check_target, url, TargetPolicy.from_settings(settings))
     except UnsafeTargetError as exc:
         raise Problem(
             422, f"the webhook url is refused: {exc}", errors=[{"field": "url", "message": str(exc)}]
@@ -137,16 +143,36 @@ async def subscription_secret(request: Request) -> Response:
     """``GET /v1/subscriptions/{subscription_id}/secret``: the signing secret, on its own."""
     await authenticate(request, Scope.SUBSCRIPTIONS)
     subscription_id = request.path_params["subscription_id"]
-    found = await asyncio.to_thread(
-        store.get_subscription, request.app.state.read_sessions, subscription_id, with_secret=True
-    )
+    found = await asyncio.to_thread(store.get_secret, request.app.state.read_sessions, subscription_id)
     if found is None:
         raise _not_found(subscription_id)
-    return JSONResponse({"secret": found.secret})
+    return model_response(found)
+
+
+async def rotate_subscription_secret(request: Request) -> Response:
+    """``POST /v1/subscriptions/{subscription_id}/rotate-secret``: a new secret, answered once.
+
+    The body is optional: ``{"secret": "whsec_..."}`` sets that one, no body generates one.
+    """
+    principal = await authenticate(request, Scope.SUBSCRIPTIONS)
+    subscription_id = request.path_params["subscription_id"]
+    rotation = await read_model(request, SecretRotation) if await request.body() else SecretRotation()
+    settings: Settings = request.app.state.settings
+    rotated = await asyncio.to_thread(
+        store.rotate_secret, request.app.state.sessions, subscription_id, rotation.secret,
+        grace_s=settings.secret_rotation_grace_s,
+    )
+    if rotated is None:
+        raise _not_found(subscription_id)
+    log.info("subscription_secret_rotated", subscription_id=subscription_id, key_id=principal.key_id,
+             previous_secret_expires_at=rotated.previous_secret_expires_at)
+    return model_response(rotated)
 
 
 routes = [
     Route("/v1/subscriptions", SubscriptionCollection, name="subscriptions"),
     Route("/v1/subscriptions/{subscription_id}", SubscriptionItem, name="subscription"),
     Route("/v1/subscriptions/{subscription_id}/secret", subscription_secret, name="subscription_secret"),
+    Route("/v1/subscriptions/{subscription_id}/rotate-secret", rotate_subscription_secret, methods=["POST"],
+          name="subscription_rotate_secret"),
 ]
