@@ -84,15 +84,15 @@ def _non_public(address: IPAddress) -> str | None:
         if embedded is not None and (reason := _non_public(embedded)):
             return f"an IPv6 address embedding {embedded}, {reason}"
     checks = (
-        ("loopback", address.is_loopback),
-        ("link-local", address.is_link_local),
-        ("multicast", address.is_multicast),
-        ("unspecified", address.is_unspecified),
-        ("CGNAT", address in _CGNAT),
-        ("private", address.is_private or any(address in net for net in _SPECIAL)),
-        ("reserved", address.is_reserved),
+        ("a loopback", address.is_loopback),
+        ("a link-local", address.is_link_local),
+        ("a multicast", address.is_multicast),
+        ("an unspecified", address.is_unspecified),
+        ("a CGNAT", address in _CGNAT),
+        ("a private", address.is_private or any(address in net for net in _SPECIAL)),
+        ("a reserved", address.is_reserved),
     )
-    return next((f"a {name} address" for name, hit in checks if hit), None)
+    return next((f"{kind} address" for kind, hit in checks if hit), None)
 
 
 def check_url_shape(url: str) -> tuple[httpx.URL, str, int]:

@@ -7,6 +7,10 @@ Usage::
         received = receiver.wait_for(3, timeout_s=10)
         assert all(r.verified for r in received)
 
+``host``/``port`` choose the listening address (any 127.x.y.z is loopback on Linux, so two
+receivers may share a port); ``tls=(certfile, keyfile)`` serves HTTPS, and ``name`` is the host
+put in ``base_url`` (e.g. the name the certificate is for).
+
 Every request on any path is answered and kept in ``receiver.ledger`` with whether its Standard
 Webhooks signature verified (by the ``standardwebhooks`` reference library). Replies come from
 ``script`` in order, then ``default``; a reply is a status code or a :class:`Reply` with headers,
@@ -67,6 +71,8 @@ class Received:
     # time.monotonic() on arrival, for measuring gaps between attempts.
     at: float
     status: int
+    # The client's (address, port): one port for several requests means one kept-alive connection.
+    peer: tuple[str, int] | None = None
 
     def json(self) -> Any:
         return orjson.loads(self.body)
@@ -76,19 +82,23 @@ class Receiver:
     """A signature-verifying HTTP endpoint with a ledger; use it as a context manager."""
 
     def __init__(self, secret: str, *, script: Iterable[int | Reply] = (), default: int | Reply = 200,
-                 path: str = "/hook", port: int = 0) -> None:
+                 path: str = "/hook", host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None,
+                 name: str | None = None) -> None:
         self._webhook = Webhook(secret)
         self._script: deque[Reply] = deque(_reply(r) for r in script)
         self._default = _reply(default)
         self._path = path
         # A fixed port lets a second receiver take over the first one's URL (a receiver down, then back).
-        self._port = port
+        self._address = (host, port)
+        self._tls = tls
+        self._name = name or host
         self._ledger: list[Received] = []
         self._changed = threading.Condition()
         self._socket: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.base_url = ""
+        self.port = 0
 
     @property
     def url(self) -> str:
@@ -131,6 +141,7 @@ class Receiver:
             self._ledger.append(Received(
                 webhook_id=headers.get("webhook-id"), verified=verified, error=error, path=request.url.path,
                 headers=headers, body=body, at=time.monotonic(), status=reply.status,
+                peer=(request.client.host, request.client.port) if request.client else None,
             ))
             self._changed.notify_all()
         if reply.delay_s:
@@ -141,10 +152,13 @@ class Receiver:
         app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=["GET", "POST", "PUT"])])
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", self._port))
-        self.base_url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._socket.bind(self._address)
+        self.port = self._socket.getsockname()[1]
+        self.base_url = f"{'https' if self._tls else 'http'}://{self._name}:{self.port}"
+        certfile, keyfile = self._tls or (None, None)
         config = uvicorn.Config(app, loop="uvloop", http="httptools", ws="none", lifespan="off",
-                                log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                                ssl_certfile=certfile, ssl_keyfile=keyfile)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="receiver", daemon=True)
