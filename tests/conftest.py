@@ -62,16 +62,26 @@ def _reset_postgres(url: str) -> None:
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A freshly migrated store: a SQLite file, then the run's PostgreSQL database emptied."""
+def _fresh_store(request: pytest.FixtureRequest, directory: Path) -> str:
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'hookgate.db'}"
+        url = f"sqlite:///{directory / 'hookgate.db'}"
     else:
         url = request.getfixturevalue("pg_database")
         _reset_postgres(url)
     migrate(url)
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A freshly migrated store: a SQLite file, then the run's PostgreSQL database emptied."""
+    return _fresh_store(request, tmp_path)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``store_url`` shared by a module's tests, for modules that start a worker on it (a start is seconds)."""
+    return _fresh_store(request, tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture

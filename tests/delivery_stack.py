@@ -1,28 +1,29 @@
-"""The real delivery path for API-level tests: a migrated store, a Celery worker, and a way to hand it deliveries.
+"""The real delivery path for API-level tests: the gateway app, a Celery worker, and a way to hand it deliveries.
 
 Usage::
 
-    with delivery_stack(settings, tmp_path) as stack:          # settings name the store and the vhost
-        ...create a subscription through the gateway on settings.database_url...
-        delivery_id = stack.deliver(subscription_id, event)    # one pending delivery, sent to the worker
+    async with delivery_stack(settings, tmp_path) as stack:     # settings name a migrated store and a vhost
+        created = await stack.client.post("/v1/subscriptions", json=...)   # with a `subscriptions` key
+        delivery_id = stack.deliver(created.json()["id"], event)   # one pending delivery, sent to the worker
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import make_celery
-from consumers.store.database import make_engine, make_sessionmaker, migrate
 from schemas.deliveries import DeliveryStatus
 from schemas.events import CloudEvent
+from schemas.keys import Scope
 from schemas.settings import Settings
-from tests.apiclient import insert_delivery, insert_event
+from tests.apiclient import Gateway, insert_delivery, insert_event, running_gateway
 from tests.workers import Worker
 
 __all__ = ["DeliveryStack", "delivery_stack"]
@@ -30,9 +31,18 @@ __all__ = ["DeliveryStack", "delivery_stack"]
 
 @dataclass(frozen=True)
 class DeliveryStack:
-    sessions: sessionmaker[Session]
+    gateway: Gateway
     sender: Celery
     worker: Worker
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The gateway's client; it sends a key with the ``subscriptions`` scope unless a request names another."""
+        return self.gateway.client
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        return self.gateway.sessions
 
     def deliver(self, subscription_id: str, event: CloudEvent) -> str:
         """Store ``event`` and a pending delivery of it to the subscription, and enqueue it as the router would."""
@@ -42,15 +52,14 @@ class DeliveryStack:
         return delivery_id
 
 
-@contextmanager
-def delivery_stack(settings: Settings, log_dir: Path) -> Iterator[DeliveryStack]:
-    """Migrate the store, start a webhooks worker, and stop and dispose of everything afterwards."""
-    migrate(settings.database_url)
-    engine = make_engine(settings.database_url)
+@asynccontextmanager
+async def delivery_stack(settings: Settings, log_dir: Path) -> AsyncIterator[DeliveryStack]:
+    """Run the gateway and a webhooks worker on ``settings``; stop both afterwards."""
     sender = make_celery(settings)
     try:
         with Worker(settings, log_dir / "worker.log") as worker:
-            yield DeliveryStack(make_sessionmaker(engine), sender, worker)
+            async with running_gateway(settings) as gateway:
+                gateway.client.headers.update(gateway.auth(Scope.SUBSCRIPTIONS))
+                yield DeliveryStack(gateway, sender, worker)
     finally:
         sender.close()
-        engine.dispose()

@@ -3,44 +3,32 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_http
 from cloudevents.core.formats.json import JSONFormat
 
+from consumers.store.database import migrate
 from schemas.events import CloudEvent
 from schemas.ids import new_id
-from schemas.keys import Scope
 from schemas.settings import Settings
-from tests.apiclient import Gateway, running_gateway
 from tests.delivery_stack import DeliveryStack, delivery_stack
 from tests.receiver import Received, Receiver, make_secret
 
 
 @pytest.fixture(scope="module")
-def settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+async def stack(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DeliveryStack]:
+    """On SQLite only: the format is chosen in Python, after the claim that test_secret_rotation runs on both."""
     store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'hookgate.db'}"
-    return Settings(broker_url=broker_url, database_url=store, allow_private_targets=True,
-                    retry_schedule=(0,))  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeliveryStack]:
-    with delivery_stack(settings, tmp_path_factory.mktemp("worker")) as running:
+    migrate(store)
+    settings = Settings(broker_url=broker_url, database_url=store, allow_private_targets=True,
+                        retry_schedule=(0,))  # type: ignore[arg-type]
+    async with delivery_stack(settings, tmp_path_factory.mktemp("worker")) as running:
         yield running
 
 
-@pytest.fixture(scope="module")
-async def gateway(settings: Settings, stack: DeliveryStack) -> AsyncIterator[Gateway]:
-    async with running_gateway(settings) as gw:
-        yield gw
-
-
-@pytest.fixture(scope="module")
-def headers(gateway: Gateway) -> dict[str, str]:
-    return gateway.auth(Scope.SUBSCRIPTIONS)
 
 
 def order_event(**fields: object) -> CloudEvent:
@@ -59,13 +47,13 @@ def parse_cloudevent(received: Received):  # type: ignore[no-untyped-def]
 
 
 async def test_cloudevents_subscription_gets_the_structured_event_signed(
-    gateway: Gateway, headers: dict[str, str], stack: DeliveryStack
+    stack: DeliveryStack
 ) -> None:
     """`payload_format: cloudevents` sends the stored structured event as application/cloudevents+json, signed."""
     secret = make_secret()
     event = order_event()
     with Receiver(secret) as receiver:
-        created = await gateway.client.post("/v1/subscriptions", headers=headers, json={
+        created = await stack.client.post("/v1/subscriptions", json={
             "event_types": ["order.*"], "url": receiver.url, "secret": secret, "payload_format": "cloudevents"})
         assert created.json()["payload_format"] == "cloudevents"
         delivery_id = stack.deliver(created.json()["id"], event)
@@ -81,15 +69,14 @@ async def test_cloudevents_subscription_gets_the_structured_event_signed(
     assert parsed.get_extension("tenant") == "acme"
 
 
-async def test_binary_data_travels_as_data_base64(gateway: Gateway, headers: dict[str, str],
-                                                  stack: DeliveryStack) -> None:
+async def test_binary_data_travels_as_data_base64(stack: DeliveryStack) -> None:
     """An event with binary data reaches a CloudEvents receiver as the same bytes."""
     secret = make_secret()
     payload = bytes(range(256))
     event = order_event(data=None, datacontenttype="application/octet-stream",
                         data_base64=base64.b64encode(payload).decode())
     with Receiver(secret) as receiver:
-        created = await gateway.client.post("/v1/subscriptions", headers=headers, json={
+        created = await stack.client.post("/v1/subscriptions", json={
             "event_types": ["order.*"], "url": receiver.url, "secret": secret, "payload_format": "cloudevents"})
         stack.deliver(created.json()["id"], event)
         [received] = receiver.wait_for(1)
@@ -98,18 +85,18 @@ async def test_binary_data_travels_as_data_base64(gateway: Gateway, headers: dic
 
 
 async def test_standard_webhooks_is_the_default_and_patch_switches_format(
-    gateway: Gateway, headers: dict[str, str], stack: DeliveryStack
+    stack: DeliveryStack
 ) -> None:
     """By default the body is {type, timestamp, data} as application/json; after a PATCH, a CloudEvent."""
     secret = make_secret()
     with Receiver(secret) as receiver:
-        created = await gateway.client.post("/v1/subscriptions", headers=headers,
+        created = await stack.client.post("/v1/subscriptions",
                                             json={"event_types": ["order.*"], "url": receiver.url, "secret": secret})
         subscription_id = created.json()["id"]
         assert created.json()["payload_format"] == "standard-webhooks"
         stack.deliver(subscription_id, order_event())
         receiver.wait_for(1)
-        patched = await gateway.client.patch(f"/v1/subscriptions/{subscription_id}", headers=headers,
+        patched = await stack.client.patch(f"/v1/subscriptions/{subscription_id}",
                                              json={"payload_format": "cloudevents"})
         assert patched.json()["payload_format"] == "cloudevents"
         second = order_event()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import select
 from standardwebhooks import Webhook
@@ -19,7 +18,7 @@ from schemas.events import CloudEvent
 from schemas.ids import new_id
 from schemas.keys import Scope
 from schemas.settings import Settings
-from tests.apiclient import Gateway, assert_problem, running_gateway
+from tests.apiclient import assert_problem
 from tests.delivery_stack import DeliveryStack, delivery_stack
 from tests.receiver import Received, Receiver, make_secret
 
@@ -28,45 +27,27 @@ GRACE_S = 3.0
 KNOWN_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def settings(request: pytest.FixtureRequest, broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    if request.param == "sqlite":
-        store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'hookgate.db'}"
-    else:
-        store = request.getfixturevalue("pg_database")
-        with psycopg.connect(store, autocommit=True) as conn:
-            conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    return Settings(broker_url=broker_url, database_url=store, allow_private_targets=True,
-                    secret_rotation_grace_s=GRACE_S, retry_schedule=(0,))  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
-def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeliveryStack]:
-    with delivery_stack(settings, tmp_path_factory.mktemp("worker")) as running:
+async def stack(broker_url: str, module_store_url: str,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DeliveryStack]:
+    settings = Settings(broker_url=broker_url, database_url=module_store_url, allow_private_targets=True,
+                        secret_rotation_grace_s=GRACE_S, retry_schedule=(0,))  # type: ignore[arg-type]
+    async with delivery_stack(settings, tmp_path_factory.mktemp("worker")) as running:
         yield running
 
 
-@pytest.fixture(scope="module")
-async def gateway(settings: Settings, stack: DeliveryStack) -> AsyncIterator[Gateway]:
-    async with running_gateway(settings) as gw:
-        yield gw
 
 
-@pytest.fixture(scope="module")
-def headers(gateway: Gateway) -> dict[str, str]:
-    return gateway.auth(Scope.SUBSCRIPTIONS)
-
-
-async def subscribe(gateway: Gateway, headers: dict[str, str], url: str, secret: str) -> str:
+async def subscribe(stack: DeliveryStack, url: str, secret: str) -> str:
     body = {"event_types": ["order.*"], "url": url, "secret": secret}
-    response = await gateway.client.post("/v1/subscriptions", json=body, headers=headers)
+    response = await stack.client.post("/v1/subscriptions", json=body)
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
 
 
-async def rotate(gateway: Gateway, headers: dict[str, str], subscription_id: str, **body: Any) -> dict[str, Any]:
-    response = await gateway.client.post(f"/v1/subscriptions/{subscription_id}/rotate-secret",
-                                         json=body or None, headers=headers)
+async def rotate(stack: DeliveryStack, subscription_id: str, **body: Any) -> dict[str, Any]:
+    response = await stack.client.post(f"/v1/subscriptions/{subscription_id}/rotate-secret",
+                                         json=body or None)
     assert response.status_code == 200, response.text
     return dict(response.json())
 
@@ -85,15 +66,15 @@ def verifies(received: Received, secret: str) -> bool:
 
 
 async def test_both_secrets_sign_during_the_grace_period_then_only_the_new_one(
-    gateway: Gateway, headers: dict[str, str], stack: DeliveryStack
+    stack: DeliveryStack
 ) -> None:
     """Before: the old secret verifies. During the grace period: old and new both do. After it: only the new one."""
     old = make_secret()
     with Receiver(old) as receiver:
-        subscription_id = await subscribe(gateway, headers, receiver.url, old)
+        subscription_id = await subscribe(stack, receiver.url, old)
         stack.deliver(subscription_id, order_event())
         receiver.wait_for(1)
-        rotated = await rotate(gateway, headers, subscription_id)
+        rotated = await rotate(stack, subscription_id)
         new, expires_at = rotated["secret"], datetime.fromisoformat(rotated["previous_secret_expires_at"])
         stack.deliver(subscription_id, order_event())
         receiver.wait_for(2)
@@ -109,18 +90,18 @@ async def test_both_secrets_sign_during_the_grace_period_then_only_the_new_one(
     assert [len(r.headers["webhook-signature"].split(" ")) for r in (before, during, after)] == [1, 2, 1]
 
 
-async def test_secrets_are_never_listed_nor_logged(gateway: Gateway, headers: dict[str, str], stack: DeliveryStack,
+async def test_secrets_are_never_listed_nor_logged(stack: DeliveryStack,
                                                    capfd: pytest.CaptureFixture[str]) -> None:
     """After a rotation neither secret is in list or read answers, the gateway's output, or the worker's log."""
     old = make_secret()
     with Receiver(old) as receiver:
-        subscription_id = await subscribe(gateway, headers, receiver.url, old)
-        new = (await rotate(gateway, headers, subscription_id))["secret"]
+        subscription_id = await subscribe(stack, receiver.url, old)
+        new = (await rotate(stack, subscription_id))["secret"]
         stack.deliver(subscription_id, order_event())
         receiver.wait_for(1)
-    listed = await gateway.client.get("/v1/subscriptions", params={"limit": 200}, headers=headers)
-    shown = await gateway.client.get(f"/v1/subscriptions/{subscription_id}", headers=headers)
-    secret = await gateway.client.get(f"/v1/subscriptions/{subscription_id}/secret", headers=headers)
+    listed = await stack.client.get("/v1/subscriptions", params={"limit": 200})
+    shown = await stack.client.get(f"/v1/subscriptions/{subscription_id}")
+    secret = await stack.client.get(f"/v1/subscriptions/{subscription_id}/secret")
     assert subscription_id in listed.text and shown.status_code == 200
     texts = {"list": listed.text, "read": shown.text, "gateway output": capfd.readouterr().out,
              "worker log": stack.worker.log_text()}
@@ -129,13 +110,13 @@ async def test_secrets_are_never_listed_nor_logged(gateway: Gateway, headers: di
     assert datetime.fromisoformat(secret.json()["previous_secret_expires_at"]) > utcnow()
 
 
-async def test_a_given_secret_replaces_the_current_one(gateway: Gateway, headers: dict[str, str]) -> None:
+async def test_a_given_secret_replaces_the_current_one(stack: DeliveryStack) -> None:
     """A body with a `whsec_` secret sets that one; a second rotation keeps only the secret just replaced."""
     first = make_secret()
-    subscription_id = await subscribe(gateway, headers, "http://127.0.0.1:9/hook", first)
-    second = (await rotate(gateway, headers, subscription_id))["secret"]
-    assert (await rotate(gateway, headers, subscription_id, secret=KNOWN_SECRET))["secret"] == KNOWN_SECRET
-    with gateway.sessions() as session:
+    subscription_id = await subscribe(stack, "http://127.0.0.1:9/hook", first)
+    second = (await rotate(stack, subscription_id))["secret"]
+    assert (await rotate(stack, subscription_id, secret=KNOWN_SECRET))["secret"] == KNOWN_SECRET
+    with stack.gateway.sessions() as session:
         row = session.execute(select(Subscription).where(Subscription.id == subscription_id)).scalar_one()
     assert (row.secret, row.previous_secret) == (KNOWN_SECRET, second)
 
@@ -144,26 +125,26 @@ async def test_a_given_secret_replaces_the_current_one(gateway: Gateway, headers
     ("body", "status"),
     [({"secret": "not-a-secret"}, 422), ({"secret": KNOWN_SECRET, "grace_s": 5}, 422), ("[]", 422), ("{", 400)],
 )
-async def test_a_bad_rotation_changes_nothing(gateway: Gateway, headers: dict[str, str], body: Any,
+async def test_a_bad_rotation_changes_nothing(stack: DeliveryStack, body: Any,
                                               status: int) -> None:
     """An invalid secret, an unknown field or a malformed body gets a problem and the secret stays."""
     secret = make_secret()
-    subscription_id = await subscribe(gateway, headers, "http://127.0.0.1:9/hook", secret)
+    subscription_id = await subscribe(stack, "http://127.0.0.1:9/hook", secret)
     content = body if isinstance(body, str) else None
-    response = await gateway.client.post(
+    response = await stack.client.post(
         f"/v1/subscriptions/{subscription_id}/rotate-secret", content=content,
-        json=None if content else body, headers={**headers, "content-type": "application/json"},
+        json=None if content else body, headers={"content-type": "application/json"},
     )
     assert_problem(response, status)
-    current = await gateway.client.get(f"/v1/subscriptions/{subscription_id}/secret", headers=headers)
+    current = await stack.client.get(f"/v1/subscriptions/{subscription_id}/secret")
     assert current.json() == {"secret": secret, "previous_secret_expires_at": None}
 
 
-async def test_rotation_needs_the_scope_and_a_live_subscription(gateway: Gateway, headers: dict[str, str]) -> None:
+async def test_rotation_needs_the_scope_and_a_live_subscription(stack: DeliveryStack) -> None:
     """Without the subscriptions scope: 403; an unknown or deleted subscription: 404."""
-    subscription_id = await subscribe(gateway, headers, "http://127.0.0.1:9/hook", make_secret())
+    subscription_id = await subscribe(stack, "http://127.0.0.1:9/hook", make_secret())
     path = f"/v1/subscriptions/{subscription_id}/rotate-secret"
-    assert_problem(await gateway.client.post(path, headers=gateway.auth(Scope.EVENTS_WRITE)), 403)
-    assert (await gateway.client.delete(f"/v1/subscriptions/{subscription_id}", headers=headers)).status_code == 204
-    assert_problem(await gateway.client.post(path, headers=headers), 404)
-    assert_problem(await gateway.client.post(f"/v1/subscriptions/{new_id()}/rotate-secret", headers=headers), 404)
+    assert_problem(await stack.client.post(path, headers=stack.gateway.auth(Scope.EVENTS_WRITE)), 403)
+    assert (await stack.client.delete(f"/v1/subscriptions/{subscription_id}")).status_code == 204
+    assert_problem(await stack.client.post(path), 404)
+    assert_problem(await stack.client.post(f"/v1/subscriptions/{new_id()}/rotate-secret"), 404)

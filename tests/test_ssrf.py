@@ -6,27 +6,23 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
-from celery import Celery
-from sqlalchemy.orm import Session, sessionmaker
 
-from consumers.celery_app import make_celery
 from consumers.ssrf import TargetPolicy, UnsafeTargetError, check_target
-from consumers.store.database import make_engine, make_sessionmaker, migrate
+from consumers.store.database import migrate
 from consumers.store.models import Subscription
 from consumers.webhook_client import WebhookClient, WebhookTransportError
 from schemas.deliveries import DeliveryStatus
-from schemas.keys import Scope
 from schemas.settings import Settings
-from tests.apiclient import Gateway, assert_problem, count_rows, running_gateway
+from tests.apiclient import assert_problem, count_rows
+from tests.delivery_stack import DeliveryStack, delivery_stack
 from tests.receiver import Receiver, Reply, make_secret
 from tests.test_webhook_delivery import attempts_at_least, finished, seed, stop_retrying, wait_until
-from tests.workers import Worker
 
 # The loopback address the strict settings below allow, standing in for a public endpoint: no
 # public address is reachable here. 127.0.0.1 stays refused.
@@ -229,30 +225,34 @@ def test_tls_refuses_a_certificate_for_another_name(ca: trustme.CA, tmp_path: Pa
 # -- at creation: 422 ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def strict_gateway(make_settings: Callable[..., Settings], sqlite_url: str) -> AsyncIterator[Gateway]:
-    async with running_gateway(make_settings(database_url=sqlite_url, **STRICT)) as gw:
-        yield gw
+@pytest.fixture(scope="module")
+async def stack(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DeliveryStack]:
+    """The gateway and a worker with the strict settings, on a SQLite store of their own."""
+    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'hookgate.db'}"
+    migrate(store)
+    settings = Settings(broker_url=broker_url, database_url=store, retry_schedule=(0, 1), webhook_timeout_s=5,
+                        **STRICT)  # type: ignore[arg-type]
+    async with delivery_stack(settings, tmp_path_factory.mktemp("worker")) as running:
+        yield running
 
 
 @pytest.mark.parametrize(("url", "reason"), MATRIX)
-async def test_creation_refuses_the_matrix(strict_gateway: Gateway, url: str, reason: str) -> None:
+async def test_creation_refuses_the_matrix(stack: DeliveryStack, url: str, reason: str) -> None:
     """Each target of the matrix gets 422 with the reason on `url`, and no subscription is stored."""
-    response = await strict_gateway.client.post(
+    before = count_rows(stack.sessions, Subscription)
+    response = await stack.client.post(
         "/v1/subscriptions", json={"event_types": ["order.*"], "url": url.format(port=8080)},
-        headers=strict_gateway.auth(Scope.SUBSCRIPTIONS),
     )
     body = assert_problem(response, 422)
     assert [e["field"] for e in body["errors"]] == ["url"]
     assert reason in body["detail"]
-    assert count_rows(strict_gateway.sessions, Subscription) == 0
+    assert count_rows(stack.sessions, Subscription) == before
 
 
-async def test_creation_accepts_an_allowed_network(strict_gateway: Gateway) -> None:
+async def test_creation_accepts_an_allowed_network(stack: DeliveryStack) -> None:
     """A URL in HOOKGATE_ALLOWED_TARGET_CIDRS is accepted although it is loopback."""
-    response = await strict_gateway.client.post(
+    response = await stack.client.post(
         "/v1/subscriptions", json={"event_types": ["order.*"], "url": f"http://{ALLOWED_HOST}:8080/hook"},
-        headers=strict_gateway.auth(Scope.SUBSCRIPTIONS),
     )
     assert response.status_code == 201, response.text
 
@@ -260,58 +260,29 @@ async def test_creation_accepts_an_allowed_network(strict_gateway: Gateway) -> N
 # -- at delivery: a real worker with the strict settings ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def strict_settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'hookgate.db'}"
-    migrate(store)
-    return Settings(broker_url=broker_url, database_url=store, retry_schedule=(0, 1), webhook_timeout_s=5,
-                    **STRICT)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def sessions(strict_settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(strict_settings.database_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def strict_worker(strict_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    with Worker(strict_settings, tmp_path_factory.mktemp("worker") / "worker.log") as worker:
-        yield worker
-
-
-@pytest.fixture(scope="module")
-def sender(strict_settings: Settings) -> Iterator[Celery]:
-    app = make_celery(strict_settings)
-    yield app
-    app.close()
-
-
-def test_delivery_refuses_the_matrix(sessions: sessionmaker[Session], sender: Celery, strict_worker: Worker) -> None:
+def test_delivery_refuses_the_matrix(stack: DeliveryStack) -> None:
     """Targets stored before the rule (or rebound since) end dead with the reason; the receiver behind sees nothing."""
     secret = make_secret()
     with Receiver(secret) as loopback:
-        ids = [seed(sessions, url.format(port=loopback.port), secret) for url, _ in MATRIX]
+        ids = [seed(stack.sessions, url.format(port=loopback.port), secret) for url, _ in MATRIX]
         for delivery_id in ids:
-            sender.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
-        results = [wait_until(sessions, delivery_id, finished(DeliveryStatus.DEAD)) for delivery_id in ids]
+            stack.sender.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
+        results = [wait_until(stack.sessions, delivery_id, finished(DeliveryStatus.DEAD)) for delivery_id in ids]
         assert loopback.ledger == []
     for (url, reason), (delivery, attempts) in zip(MATRIX, results, strict=True):
         assert reason in (delivery.last_error or ""), url
         assert [(a.status_code, a.error) for a in attempts] == [(None, delivery.last_error)]
 
 
-def test_delivery_never_follows_a_redirect(sessions: sessionmaker[Session], sender: Celery,
-                                          strict_worker: Worker) -> None:
+def test_delivery_never_follows_a_redirect(stack: DeliveryStack) -> None:
     """An allowed endpoint answering 302 to a loopback receiver is a failed attempt; that receiver sees nothing."""
     secret = make_secret()
     with Receiver(secret) as inner, Receiver(secret, host=ALLOWED_HOST) as outer:
         outer.respond(Reply(302, headers={"location": inner.url}))
-        delivery_id = seed(sessions, outer.url, secret)
-        sender.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
-        _, attempts = wait_until(sessions, delivery_id, attempts_at_least(1))
-        stop_retrying(sessions, delivery_id)
+        delivery_id = seed(stack.sessions, outer.url, secret)
+        stack.sender.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
+        _, attempts = wait_until(stack.sessions, delivery_id, attempts_at_least(1))
+        stop_retrying(stack.sessions, delivery_id)
         assert [(a.status_code, a.error) for a in attempts] == [(302, "HTTP 302")]
         assert inner.ledger == []
         assert [r.verified for r in outer.ledger] == [True]
