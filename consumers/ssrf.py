@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -123,12 +122,8 @@ def check_target(url: str, policy: TargetPolicy) -> Target:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise UnsafeTargetError(f"the host {host!r} does not resolve") from exc
-    addresses = _unique(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
+    addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos))
     for address in addresses:
         if reason := policy.refusal(address):
             raise UnsafeTargetError(f"the host {host!r} resolves to a non-public address: {address} is {reason}")
     return Target(parsed, host, port, tuple(str(address) for address in addresses))
-
-
-def _unique(addresses: Iterable[IPAddress]) -> list[IPAddress]:
-    return list(dict.fromkeys(addresses))

@@ -9,7 +9,8 @@ Errors::
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -62,8 +63,15 @@ class _PinnedBackend(httpcore.NetworkBackend):
         self._sockets = httpcore.SyncBackend()
         self._pins: dict[tuple[str, int], tuple[str, ...]] = {}
 
-    def pin(self, target: Target) -> None:
-        self._pins[(target.host, target.port)] = target.addresses
+    @contextmanager
+    def pinned(self, target: Target) -> Iterator[None]:
+        """Let the pool connect to the target's host, at its checked addresses, for one request."""
+        key = (target.host, target.port)
+        self._pins[key] = target.addresses
+        try:
+            yield
+        finally:
+            del self._pins[key]
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None) -> httpcore.NetworkStream:
@@ -108,7 +116,6 @@ class WebhookClient:
         Raises ``UnsafeTargetError`` (nothing sent) or ``WebhookTransportError``.
         """
         target = check_target(url, self._policy)
-        self._backend.pin(target)
         request = httpcore.Request(
             b"POST",
             httpcore.URL(scheme=target.url.raw_scheme, host=target.url.raw_host, port=target.url.port,
@@ -120,7 +127,10 @@ class WebhookClient:
             extensions=self._extensions,
         )
         try:
-            response = self._pool.handle_request(request)
+            # The pool opens connections only inside handle_request; a kept-alive one was opened to an
+            # address checked for an earlier request to the same host.
+            with self._backend.pinned(target):
+                response = self._pool.handle_request(request)
             try:
                 excerpt = bytearray()
                 for chunk in response.stream:  # type: ignore[union-attr]

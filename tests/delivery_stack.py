@@ -9,7 +9,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +53,12 @@ class DeliveryStack:
 
 
 @asynccontextmanager
-async def delivery_stack(settings: Settings, log_dir: Path) -> AsyncIterator[DeliveryStack]:
-    """Run the gateway and a webhooks worker on ``settings``; stop both afterwards."""
+async def delivery_stack(settings: Settings, log_dir: Path,
+                         worker_env: Mapping[str, str] | None = None) -> AsyncIterator[DeliveryStack]:
+    """Run the gateway and a webhooks worker (with ``worker_env`` added to its environment); stop both afterwards."""
     sender = make_celery(settings)
     try:
-        with Worker(settings, log_dir / "worker.log") as worker:
+        with Worker(settings, log_dir / "worker.log", extra_env=worker_env) as worker:
             async with running_gateway(settings) as gateway:
                 gateway.client.headers.update(gateway.auth(Scope.SUBSCRIPTIONS))
                 yield DeliveryStack(gateway, sender, worker)

@@ -226,13 +226,16 @@ def test_tls_refuses_a_certificate_for_another_name(ca: trustme.CA, tmp_path: Pa
 
 
 @pytest.fixture(scope="module")
-async def stack(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DeliveryStack]:
-    """The gateway and a worker with the strict settings, on a SQLite store of their own."""
+async def stack(broker_url: str, ca: trustme.CA,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DeliveryStack]:
+    """The gateway and a worker with the strict settings, on a SQLite store of their own; the worker trusts `ca`."""
     store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'hookgate.db'}"
     migrate(store)
     settings = Settings(broker_url=broker_url, database_url=store, retry_schedule=(0, 1), webhook_timeout_s=5,
                         **STRICT)  # type: ignore[arg-type]
-    async with delivery_stack(settings, tmp_path_factory.mktemp("worker")) as running:
+    ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with delivery_stack(settings, tmp_path_factory.mktemp("worker"), {"SSL_CERT_FILE": str(ca_file)}) as running:
         yield running
 
 
@@ -286,3 +289,25 @@ def test_delivery_never_follows_a_redirect(stack: DeliveryStack) -> None:
         assert [(a.status_code, a.error) for a in attempts] == [(302, "HTTP 302")]
         assert inner.ledger == []
         assert [r.verified for r in outer.ledger] == [True]
+
+
+def test_a_worker_verifies_tls_with_the_ca_of_ssl_cert_file(stack: DeliveryStack, ca: trustme.CA,
+                                                            tmp_path: Path) -> None:
+    """A worker started with SSL_CERT_FILE delivers over HTTPS to a certificate of that CA, and refuses another one."""
+    secret = make_secret()
+    trusted = _tls_receiver_files(ca, tmp_path, ALLOWED_HOST)
+    # `connection: close`: the worker's kept-alive TLS connection would outlive the receiver's event loop.
+    closing = Reply(200, headers={"connection": "close"})
+    with Receiver(secret, host=ALLOWED_HOST, tls=trusted, default=closing) as receiver:
+        delivery_id = seed(stack.sessions, receiver.url, secret)
+        stack.sender.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
+        wait_until(stack.sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+        assert receiver.url.startswith("https://") and [r.verified for r in receiver.ledger] == [True]
+    untrusted = _tls_receiver_files(trustme.CA(), tmp_path, ALLOWED_HOST)
+    with Receiver(secret, host=ALLOWED_HOST, tls=untrusted) as receiver:
+        delivery_id = seed(stack.sessions, receiver.url, secret)
+        stack.sender.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
+        _, attempts = wait_until(stack.sessions, delivery_id, attempts_at_least(1))
+        stop_retrying(stack.sessions, delivery_id)
+        assert receiver.ledger == []
+    assert "CERTIFICATE_VERIFY_FAILED" in (attempts[0].error or "")
