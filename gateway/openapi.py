@@ -91,7 +91,8 @@ _STATUS_DESCRIPTIONS = {
     403: "The API key lacks the scope this route needs.",
     404: "Nothing has this id.",
     405: "The method is not allowed on this path.",
-    409: "Several events have this id; repeat with `?source=`.",
+    409: "The request conflicts with the resource's state: several events have this id (repeat with "
+    "`?source=`), a delivery or subscription that is not in a state for it, or a subscription without a secret.",
     413: "The body is larger than the configured limit.",
     415: "The body's content type is not accepted here.",
     422: "The body is JSON but not valid; `errors` lists each field.",
@@ -288,7 +289,7 @@ def _paths() -> dict[str, Any]:
                 "parameters": [{"name": "subscription_id", **_PATH_ID}],
                 "responses": {
                     "200": {"description": "The secret.", **_json(_ref("SubscriptionSecret"))},
-                    **_problems(401, 403, 404, 503),
+                    **_problems(401, 403, 404, 409, 503),
                 },
             }
         },
@@ -304,7 +305,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": {"required": False, **_json(_ref("SecretRotation"))},
                 "responses": {
                     "200": {"description": "The new secret, shown this once.", **_json(_ref("SubscriptionSecret"))},
-                    **_problems(400, 401, 403, 404, 413, 415, 422, 503),
+                    **_problems(400, 401, 403, 404, 409, 413, 415, 422, 503),
                 },
             }
         },

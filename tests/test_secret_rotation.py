@@ -148,3 +148,15 @@ async def test_rotation_needs_the_scope_and_a_live_subscription(stack: DeliveryS
     assert (await stack.client.delete(f"/v1/subscriptions/{subscription_id}")).status_code == 204
     assert_problem(await stack.client.post(path), 404)
     assert_problem(await stack.client.post(f"/v1/subscriptions/{new_id()}/rotate-secret"), 404)
+
+
+async def test_a_subscription_without_a_secret_has_none_to_show_or_rotate(stack: DeliveryStack) -> None:
+    """A subscription that signs nothing (not a webhook) answers 409 on /secret and on rotate-secret."""
+    now = utcnow()
+    subscription_id = new_id()
+    with stack.sessions.begin() as session:
+        session.add(Subscription(id=subscription_id, channel="email", event_types=["order.*"], url=None, secret=None,
+                                 description="", enabled=True, options={}, created_at=now, updated_at=now))
+    path = f"/v1/subscriptions/{subscription_id}"
+    assert "only webhook subscriptions" in assert_problem(await stack.client.get(f"{path}/secret"), 409)["detail"]
+    assert_problem(await stack.client.post(f"{path}/rotate-secret"), 409)

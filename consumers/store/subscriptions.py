@@ -24,6 +24,7 @@ from schemas.subscriptions import (
 )
 
 __all__ = [
+    "NoSecretError",
     "create_subscription",
     "delete_subscription",
     "generate_secret",
@@ -33,6 +34,10 @@ __all__ = [
     "rotate_secret",
     "update_subscription",
 ]
+
+
+class NoSecretError(Exception):
+    """The subscription signs nothing (it is not a webhook subscription), so it has no secret to show or rotate."""
 
 
 def generate_secret() -> str:
@@ -145,8 +150,10 @@ def get_secret(sessions: sessionmaker[Session], subscription_id: str) -> Subscri
     """The live subscription's current secret and its predecessor's expiry, or None if not found."""
     with translate_errors("reading a subscription's secret"), sessions() as session:
         row = _live(session, subscription_id)
-        if row is None or row.secret is None:
+        if row is None:
             return None
+        if row.secret is None:
+            raise NoSecretError(subscription_id)
         return SubscriptionSecret(secret=row.secret, previous_secret_expires_at=_still_valid(row))
 
 
@@ -155,13 +162,15 @@ def rotate_secret(sessions: sessionmaker[Session], subscription_id: str, new_sec
     """Make ``new_secret`` (or a generated one) current; the old one keeps signing for ``grace_s``.
 
     Only the secret just replaced stays valid: rotating twice within a grace period drops the oldest.
-    None if there is no such live subscription with a secret.
+    None if there is no such live subscription; NoSecretError if it has no secret.
     """
     now = utcnow()
     with translate_errors("rotating a subscription's secret"), sessions.begin() as session:
         row = _live(session, subscription_id)
-        if row is None or row.secret is None:
+        if row is None:
             return None
+        if row.secret is None:
+            raise NoSecretError(subscription_id)
         row.previous_secret = row.secret if grace_s > 0 else None
         row.previous_secret_expires_at = now + timedelta(seconds=grace_s) if grace_s > 0 else None
         row.secret = new_secret or generate_secret()

@@ -66,6 +66,10 @@ def _not_found(subscription_id: str) -> Problem:
     return Problem(404, f"there is no subscription {subscription_id!r}")
 
 
+def _no_secret(subscription_id: str) -> Problem:
+    return Problem(409, f"subscription {subscription_id!r} signs nothing: only webhook subscriptions have a secret")
+
+
 class SubscriptionCollection(HTTPEndpoint):
     """``/v1/subscriptions``."""
 
@@ -143,7 +147,10 @@ async def subscription_secret(request: Request) -> Response:
     """``GET /v1/subscriptions/{subscription_id}/secret``: the signing secret, on its own."""
     await authenticate(request, Scope.SUBSCRIPTIONS)
     subscription_id = request.path_params["subscription_id"]
-    found = await asyncio.to_thread(store.get_secret, request.app.state.read_sessions, subscription_id)
+    try:
+        found = await asyncio.to_thread(store.get_secret, request.app.state.read_sessions, subscription_id)
+    except store.NoSecretError as exc:
+        raise _no_secret(subscription_id) from exc
     if found is None:
         raise _not_found(subscription_id)
     return model_response(found)
@@ -158,10 +165,13 @@ async def rotate_subscription_secret(request: Request) -> Response:
     subscription_id = request.path_params["subscription_id"]
     rotation = await read_model(request, SecretRotation) if await request.body() else SecretRotation()
     settings: Settings = request.app.state.settings
-    rotated = await asyncio.to_thread(
-        store.rotate_secret, request.app.state.sessions, subscription_id, rotation.secret,
-        grace_s=settings.secret_rotation_grace_s,
-    )
+    try:
+        rotated = await asyncio.to_thread(
+            store.rotate_secret, request.app.state.sessions, subscription_id, rotation.secret,
+            grace_s=settings.secret_rotation_grace_s,
+        )
+    except store.NoSecretError as exc:
+        raise _no_secret(subscription_id) from exc
     if rotated is None:
         raise _not_found(subscription_id)
     log.info("subscription_secret_rotated", subscription_id=subscription_id, key_id=principal.key_id,
