@@ -135,9 +135,6 @@ def update_subscription(
         if fields:
             for name, value in fields.items():
                 setattr(row, name, value)
-            if fields.get("enabled"):
-                # The client has dealt with whatever made hookgate disable it.
-                row.disabled_reason = None
             row.updated_at = utcnow()
         if fields.get("enabled") is True:
             # Enabled again by a person: whatever disabled it, and its endpoint's record, start afresh.
