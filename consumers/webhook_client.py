@@ -9,10 +9,10 @@ Errors::
 from __future__ import annotations
 
 import ssl
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 
 import httpcore
 import httpx
@@ -152,14 +152,21 @@ class WebhookClient:
         self._pool.close()
 
 
-@cache
+_ssl_context_lock = threading.Lock()
+_ssl_context: ssl.SSLContext | None = None
+
+
 def _default_ssl_context() -> ssl.SSLContext:
     """httpx's context: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR when set (a private CA).
 
     Loading the CAs costs ~90 ms of CPU, so the clients of a process share one context (it is
-    thread-safe); made on first use, after the fork.
+    thread-safe); made on first use, after the fork, once even when many sending threads start at once.
     """
-    return httpx.create_ssl_context()
+    global _ssl_context
+    with _ssl_context_lock:
+        if _ssl_context is None:
+            _ssl_context = httpx.create_ssl_context()
+        return _ssl_context
 
 
 def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
