@@ -53,6 +53,7 @@ _LEASE_MARGIN_S = 30
 _STORE_RETRY_S = 5
 # Attempts the recorder writes in one transaction at most, and how often it tries before giving up.
 _RECORD_BATCH = 256
+_RECORD_GATHER_S = 0.02
 _RECORD_TRIES = 6
 _RECHECK_MARGIN_S = 5
 # A delivery's outcome lives in the store's attempt log; writing Celery states (STARTED, SUCCESS) to the
@@ -121,9 +122,14 @@ class _ProcessResources:
 
     def record_forever(self) -> None:
         while (first := self.finished.get()) is not None:
+            # Sends finish one by one: gathering them for a moment makes one transaction of many.
             batch = [first]
-            while len(batch) < _RECORD_BATCH and not self.finished.empty():
-                item = self.finished.get()
+            deadline = time.monotonic() + _RECORD_GATHER_S
+            while len(batch) < _RECORD_BATCH and (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = self.finished.get(timeout=left)
+                except queue.Empty:
+                    break
                 if item is None:
                     self.finished.put(None)
                     break
