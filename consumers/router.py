@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Sequence
@@ -156,7 +157,8 @@ class Router:
                                        message.message_id, message.app_id, self._settings.max_body_bytes)
             except EnvelopeError as exc:
                 dead.append(_dead_letter(message, exc.detail))
-                log.warning("event_dead_lettered", message_id=message.message_id, reason=exc.detail)
+                with structlog.contextvars.bound_contextvars(message_id=message.message_id):
+                    log.warning("event_dead_lettered", reason=exc.detail)
                 continue
             events.append((event, event.to_json()))
         if dead:
@@ -174,6 +176,8 @@ class Router:
         EVENTS_DEAD_LETTERED.inc(len(dead))
         log.info("batch_routed", messages=len(batch), events=len(events), dead_lettered=len(dead),
                  duplicates=duplicates, deliveries=len(pending))
+        if logging.getLogger(__name__).isEnabledFor(logging.INFO):
+            _log_routed(events, pending)
 
     async def _active_subscriptions(self) -> list[ActiveSubscription]:
         now = time.monotonic()
@@ -196,6 +200,18 @@ class Router:
         await self._publisher.publish([_dead_letter(message, reason)])
         await message.ack()
         EVENTS_DEAD_LETTERED.inc()
+
+
+def _log_routed(events: Sequence[tuple[CloudEvent, bytes]], pending: Sequence[PendingDelivery]) -> None:
+    """One line per event, with its id bound as the gateway and the workers bind it, so one event is
+    followed through every process by ``event_id``."""
+    delivery_ids: dict[str, list[str]] = {}
+    for delivery in pending:
+        delivery_ids.setdefault(delivery.event_id, []).append(delivery.delivery_id)
+    for event, _ in events:
+        with structlog.contextvars.bound_contextvars(event_id=event.id):
+            log.info("event_routed", source=event.source, type=event.type,
+                     delivery_ids=delivery_ids.get(event.id, []))
 
 
 def _dead_letter(message: AbstractIncomingMessage, reason: str) -> OutgoingMessage:

@@ -20,6 +20,7 @@ import structlog
 from kombu import Connection
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -213,6 +214,29 @@ async def test_router_counts_routed_duplicate_and_dead_lettered(make_settings: C
         router.publish(b"not json", "order.paid")
         await router.wait_for(lambda: router.count(Event) == 2 and router.count(Delivery) == 2)
         await router.wait_for(lambda: [_value(name) - b for name, b in zip(names, before, strict=True)] == [2, 1, 1])
+
+
+async def test_router_log_lines_carry_the_event_and_message_ids(make_settings: Callable[..., Settings],
+                                                                 sqlite_url: str, log_lines: io.StringIO) -> None:
+    """The router writes one line per routed event with its event id and deliveries, and a dead-lettered
+    message's line carries its message id."""
+    settings = make_settings(database_url=sqlite_url, router_batch_wait_s=0.01)
+    with Connection(settings.broker_url) as conn:
+        declare_topology(conn)
+        for queue in (topology.INGEST_QUEUE, topology.DEAD_QUEUE, topology.WEBHOOKS_QUEUE):
+            conn.default_channel.queue_purge(queue)
+    async with RouterHarness(settings) as router:
+        _add_subscription(router.sessions, ["order.*"])
+        router.publish(orjson.dumps({**_EVENT, "id": "traced-1"}), "order.paid")
+        router.publish(b"not json", "order.paid", message_id="garbage-1")
+        await router.wait_for(lambda: router.count(Delivery) == 1 and '"event_dead_lettered"' in log_lines.getvalue())
+        with router.sessions() as session:
+            delivery_id = session.scalars(select(Delivery.id)).one()
+    lines = [orjson.loads(line) for line in log_lines.getvalue().splitlines()]
+    routed = [line for line in lines if line["event"] == "event_routed"]
+    assert [(line["event_id"], line["delivery_ids"]) for line in routed] == [("traced-1", [delivery_id])]
+    dead = [line for line in lines if line["event"] == "event_dead_lettered"]
+    assert [line["message_id"] for line in dead] == ["garbage-1"]
 
 
 def _free_port() -> int:
