@@ -111,6 +111,14 @@ def cpu_meter(result_holder: list[Result], app_pids: list[int]) -> Iterator[None
         result.broker_us = (tree_cpu_s(broker) - before_broker) / events * 1e6
 
 
+def cpu_note(groups: dict[str, int], before: dict[str, float], deliveries: int) -> str:
+    """Where the two cores went, per delivered event, since ``before``: the profile behind a figure."""
+    if not deliveries:
+        return ""
+    spent = {group: (tree_cpu_s(pid) - before[group]) / deliveries * 1e6 for group, pid in groups.items()}
+    return "; CPU µs/delivery: " + ", ".join(f"{g} {us:.0f}" for g, us in spent.items())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -285,6 +293,8 @@ def main() -> None:
     parser.add_argument("--receiver-delay", type=float, default=0.1, help="the slow receiver's answer time (s)")
     parser.add_argument("--baseline-events", type=int, default=200, help="events the Celery-guide baseline sends")
     parser.add_argument("--slow-workers", type=int, default=4, help="worker processes (-c) in the slow phase")
+    parser.add_argument("--slow-rate", type=float, default=None,
+                        help="events/s offered in the slow phase (default: flat out)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, store) for a look")
     parser.add_argument("--log-level", default="WARNING", help="the processes' HOOKGATE_LOG_LEVEL (INFO costs CPU)")
     args = parser.parse_args()
@@ -343,7 +353,7 @@ def main() -> None:
             if "e2e" in args.only:
                 results.extend(end_to_end(args, hookgate, env, work, port, key, serve.pid))
             if "slow" in args.only:
-                results.extend(slow_receiver(args, hookgate, env, work, port, key))
+                results.extend(slow_receiver(args, hookgate, env, work, port, key, serve.pid))
         print_table(results, args)
     finally:
         rabbitmqctl("delete_vhost", vhost)
@@ -382,17 +392,14 @@ def end_to_end(args: argparse.Namespace, hookgate: list[str], env: dict[str, str
             accepted, errors = asyncio.run(drive(port, key, args.seconds, connections, rate))
             rows = wait_ledger(ledger, accepted, timeout_s=max(60.0, accepted / 300))
             result = e2e_result(name, rows, accepted, errors)
-            if rows:
-                # Where the two cores went, per delivered event: the profile behind the figure.
-                spent = {group: (tree_cpu_s(pid) - before[group]) / len(rows) * 1e6 for group, pid in groups.items()}
-                result.note += "; CPU µs/delivery: " + ", ".join(f"{g} {us:.0f}" for g, us in spent.items())
+            result.note += cpu_note(groups, before, len(rows))
             results.append(result)
             print(results[-1], flush=True)
     return results
 
 
 def slow_receiver(args: argparse.Namespace, hookgate: list[str], env: dict[str, str], work: Path, port: int,
-                  key: str) -> list[Result]:
+                  key: str, serve_pid: int) -> list[Result]:
     """A receiver answering after ``--receiver-delay``: the Celery guide's way, then hookgate, same events."""
     receiver_port = free_port()
     ledger = work / "slow-ledger.txt"
@@ -401,7 +408,7 @@ def slow_receiver(args: argparse.Namespace, hookgate: list[str], env: dict[str, 
     results = []
     with process([sys.executable, "-m", "uvicorn", "bench.receiver:app", "--port", str(receiver_port), "--http",
                   "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"],
-                 receiver_env, work / "slow-receiver.log"):
+                 receiver_env, work / "slow-receiver.log") as receiver:
         baseline_env = {**env, "BENCH_BROKER_URL": env["HOOKGATE_BROKER_URL"]}
         with process([sys.executable, "-m", "celery", "-A", "bench.celery_guide", "worker", "-l", "warning"],
                      baseline_env, work / "baseline-worker.log"):
@@ -417,20 +424,25 @@ def slow_receiver(args: argparse.Namespace, hookgate: list[str], env: dict[str, 
             print(results[-1], flush=True)
         worker_env = {**env, "HOOKGATE_ENDPOINT_MAX_IN_FLIGHT": "1024"}
         with (
-            process([*hookgate, "router"], env, work / "slow-router.log"),
+            process([*hookgate, "router"], env, work / "slow-router.log") as router,
             process([*hookgate, "worker", "-Q", "webhooks", "-c", str(args.slow_workers)], worker_env,
-                    work / "slow-worker.log"),
+                    work / "slow-worker.log") as worker,
         ):
+            groups = {"gateway": serve_pid, "router": router.pid, "worker": worker.pid, "receiver": receiver.pid,
+                      "rabbitmq": broker_pid()}
             time.sleep(2)
             created = httpx.post(f"http://127.0.0.1:{port}/v1/subscriptions", json={"event_types": ["slow.*"],
                                  "url": url}, headers={"Authorization": f"Bearer {key}"})
             created.raise_for_status()
             time.sleep(2)  # the router's subscription cache
             ledger.write_bytes(b"")
-            accepted, errors = asyncio.run(drive(port, key, args.seconds, args.connections, None, "slow.created"))
+            before = {group: tree_cpu_s(pid) for group, pid in groups.items()}
+            accepted, errors = asyncio.run(drive(port, key, args.seconds, args.connections, args.slow_rate,
+                                                 "slow.created"))
             rows = wait_ledger(ledger, accepted, timeout_s=max(60.0, accepted / 200))
             results.append(e2e_result(f"hookgate, receiver answering in {args.receiver_delay:.2f} s", rows, accepted,
                                       errors))
+            results[-1].note += cpu_note(groups, before, len(rows))
             baseline = results[0].rate
             if baseline:
                 results[-1].note += f"; {results[-1].rate / baseline:.1f}x the Celery guide's way"
