@@ -111,12 +111,17 @@ def cpu_meter(result_holder: list[Result], app_pids: list[int]) -> Iterator[None
         result.broker_us = (tree_cpu_s(broker) - before_broker) / events * 1e6
 
 
-def cpu_note(groups: dict[str, int], before: dict[str, float], deliveries: int) -> str:
+def group_cpu_s(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each group of process trees."""
+    return {name: sum(tree_cpu_s(pid) for pid in pids) for name, pids in groups.items()}
+
+
+def cpu_note(groups: dict[str, list[int]], before: dict[str, float], deliveries: int) -> str:
     """Where the two cores went, per delivered event, since ``before``: the profile behind a figure."""
     if not deliveries:
         return ""
-    spent = {group: (tree_cpu_s(pid) - before[group]) / deliveries * 1e6 for group, pid in groups.items()}
-    return "; CPU µs/delivery: " + ", ".join(f"{g} {us:.0f}" for g, us in spent.items())
+    now = group_cpu_s(groups)
+    return "; CPU µs/delivery: " + ", ".join(f"{g} {(now[g] - before[g]) / deliveries * 1e6:.0f}" for g in groups)
 
 
 def free_port() -> int:
@@ -375,8 +380,8 @@ def end_to_end(args: argparse.Namespace, hookgate: list[str], env: dict[str, str
         process([*hookgate, "worker", "-Q", "webhooks", "-c", str(args.webhook_concurrency)], env,
                 work / "worker.log") as worker,
     ):
-        groups = {"gateway": serve_pid, "router": router.pid, "worker": worker.pid, "receiver": receiver.pid,
-                  "rabbitmq": broker_pid()}
+        groups = {"gateway": [serve_pid], "router": [router.pid], "worker": [worker.pid], "receiver": [receiver.pid],
+                  "rabbitmq": [broker_pid()]}
         time.sleep(2)
         created = httpx.post(f"http://127.0.0.1:{port}/v1/subscriptions", headers={"Authorization": f"Bearer {key}"},
                              json={"event_types": ["order.*"], "url": f"http://127.0.0.1:{receiver_port}/hook"})
@@ -388,7 +393,7 @@ def end_to_end(args: argparse.Namespace, hookgate: list[str], env: dict[str, str
         ):
             # Truncate, not unlink: the receiver keeps the file open (O_APPEND).
             ledger.write_bytes(b"")
-            before = {group: tree_cpu_s(pid) for group, pid in groups.items()}
+            before = group_cpu_s(groups)
             accepted, errors = asyncio.run(drive(port, key, args.seconds, connections, rate))
             rows = wait_ledger(ledger, accepted, timeout_s=max(60.0, accepted / 300))
             result = e2e_result(name, rows, accepted, errors)
@@ -428,15 +433,15 @@ def slow_receiver(args: argparse.Namespace, hookgate: list[str], env: dict[str, 
             process([*hookgate, "worker", "-Q", "webhooks", "-c", str(args.slow_workers)], worker_env,
                     work / "slow-worker.log") as worker,
         ):
-            groups = {"gateway": serve_pid, "router": router.pid, "worker": worker.pid, "receiver": receiver.pid,
-                      "rabbitmq": broker_pid()}
+            groups = {"gateway": [serve_pid], "router": [router.pid], "worker": [worker.pid],
+                      "receiver": [receiver.pid], "rabbitmq": [broker_pid()]}
             time.sleep(2)
             created = httpx.post(f"http://127.0.0.1:{port}/v1/subscriptions", json={"event_types": ["slow.*"],
                                  "url": url}, headers={"Authorization": f"Bearer {key}"})
             created.raise_for_status()
             time.sleep(2)  # the router's subscription cache
             ledger.write_bytes(b"")
-            before = {group: tree_cpu_s(pid) for group, pid in groups.items()}
+            before = group_cpu_s(groups)
             accepted, errors = asyncio.run(drive(port, key, args.seconds, args.connections, args.slow_rate,
                                                  "slow.created"))
             rows = wait_ledger(ledger, accepted, timeout_s=max(60.0, accepted / 200))
