@@ -16,7 +16,7 @@ __all__ = ["last_runs", "record_run"]
 def last_runs(sessions: sessionmaker[Session]) -> dict[str, datetime]:
     """Every entry's last run as the store knows it."""
     with translate_errors("reading beat's last runs"), sessions() as session:
-        return dict(session.execute(select(BeatRun.name, BeatRun.last_run_at)).tuples().all())
+        return {row.name: row.last_run_at for row in session.execute(select(BeatRun.name, BeatRun.last_run_at))}
 
 
 def record_run(sessions: sessionmaker[Session], name: str, at: datetime) -> None:
