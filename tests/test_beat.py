@@ -162,17 +162,24 @@ def test_a_bad_schedule_stops_beat_naming_the_setting(tmp_path: Path) -> None:
     assert "HOOKGATE_CLEANUP_SCHEDULE" in done.stderr and "hour" in done.stderr, done.stderr
 
 
-def test_celery_inspect_sees_the_scheduled_tasks_on_a_worker(beat_settings: Settings, tmp_path: Path) -> None:
+def test_celery_inspect_sees_the_scheduled_tasks_on_a_worker(make_settings: Callable[..., Settings], sqlite_url: str,
+                                                             tmp_path: Path) -> None:
     """`celery inspect registered` lists the three beat tasks on a running worker, and `inspect scheduled` answers."""
-    env = {**os.environ, **settings_env(beat_settings)}
-    command = [sys.executable, "-m", "celery", "-A", "consumers.celery_app:celery_app", "inspect"]
-    with Worker(beat_settings, tmp_path / "worker.log") as worker:
-        registered = subprocess.run([*command, "registered", "--json", "--timeout", "5"], env=env, cwd=REPO_ROOT,
-                                    capture_output=True, text=True, timeout=30)
-        scheduled = subprocess.run([*command, "scheduled", "--json", "--timeout", "5"], env=env, cwd=REPO_ROOT,
-                                   capture_output=True, text=True, timeout=30)
+    settings = make_settings(database_url=sqlite_url)
+    env = {**os.environ, **settings_env(settings)}
+    with Worker(settings, tmp_path / "worker.log") as worker:
+        node = f"{worker.name}@{os.uname().nodename}"
+        # Addressed to the worker, inspect returns on its answer instead of waiting out the timeout.
+        command = [sys.executable, "-m", "celery", "-A", "consumers.celery_app:celery_app", "inspect", "--json",
+                   "--timeout", "10", "--destination", node]
+        registered, scheduled = (
+            subprocess.run([*command, what], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+            for what in ("registered", "scheduled"))
     assert registered.returncode == 0, registered
-    [tasks] = orjson.loads(registered.stdout.strip().splitlines()[-1]).values()
-    assert {SWEEP, CLEANUP, "tasks.generate_weekly_report"} <= set(tasks)
+    assert {SWEEP, CLEANUP, "tasks.generate_weekly_report"} <= set(_answer(registered.stdout)[node])
     assert scheduled.returncode == 0, scheduled
-    assert list(orjson.loads(scheduled.stdout.strip().splitlines()[-1])) == [f"{worker.name}@{os.uname().nodename}"]
+    assert list(_answer(scheduled.stdout)) == [node]
+
+
+def _answer(stdout: str) -> dict[str, object]:
+    return orjson.loads(stdout.strip().splitlines()[-1])
