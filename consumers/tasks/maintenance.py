@@ -118,6 +118,7 @@ def generate_weekly_report(self: Task, period_end: str | None = None) -> dict[st
     except StoreError as exc:
         logger.warning("weekly_report_postponed", error=str(exc))
         raise self.retry(countdown=_STORE_RETRY_S, exc=exc) from exc
+    structlog.contextvars.bind_contextvars(report_id=report.report_id)
     hand_over_report(report, settings.report_recipients)
     return {"report_id": report.report_id, "period_start": report.period_start.isoformat(),
             "period_end": report.period_end.isoformat(), "subscriptions": len(report.rows),
