@@ -8,7 +8,7 @@ from datetime import datetime
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
-__all__ = ["ReportRow", "WeeklyReport"]
+__all__ = ["ReportRow", "WeeklyReport", "validate_recipients"]
 
 _COLUMNS = ("subscription_id", "description", "delivered", "failed", "dead", "p50_ms", "p99_ms")
 _NUMERIC = frozenset(_COLUMNS[2:])
@@ -88,6 +88,15 @@ class WeeklyReport(BaseModel):
         writer.writerow(_COLUMNS)
         writer.writerows(self._cells(row, table=False) for row in self.rows)
         return out.getvalue()
+
+
+def validate_recipients(addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """Addresses as ``local@domain``, without spaces: enough to catch a list typed wrong, not an RFC 5322 parser."""
+    for address in addresses:
+        local, at, domain = address.rpartition("@")
+        if not (at and local and "." in domain.strip(".") and not any(c.isspace() for c in address)):
+            raise ValueError(f"not an email address: {address!r}")
+    return addresses
 
 
 def _day(moment: datetime) -> str:

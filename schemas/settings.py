@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.beat import validate_beat_schedule
+from schemas.reports import validate_recipients
 from schemas.retries import DEFAULT_RETRY_SCHEDULE, validate_retry_schedule
 
 
@@ -121,6 +122,11 @@ class Settings(BaseSettings):
     @classmethod
     def _beat_schedule(cls, value: str) -> str:
         return validate_beat_schedule(value)
+
+    @field_validator("report_recipients")
+    @classmethod
+    def _recipients(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return validate_recipients(value)
 
     @property
     def celery_result_backend(self) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +17,7 @@ from consumers.store.models import Subscription
 from consumers.store.reports import weekly_report
 from schemas.deliveries import DeliveryStatus
 from schemas.reports import ReportRow, WeeklyReport
+from schemas.settings import Settings
 from tests.history import add_event, add_past_delivery
 from tests.receiver import make_secret
 from tests.seeding import add_subscription
@@ -99,3 +101,12 @@ def test_the_report_renders_as_a_table_and_as_csv() -> None:
          "p99_ms": ""},
     ]
     assert report.report_id == "hookgate-weekly-20261123-20261130"
+
+
+def test_report_recipients_are_a_comma_separated_list_of_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOOKGATE_REPORT_RECIPIENTS splits on commas; an entry that is not an address is refused, named."""
+    monkeypatch.setenv("HOOKGATE_REPORT_RECIPIENTS", "ops@example.com, finance@example.org")
+    assert Settings().report_recipients == ("ops@example.com", "finance@example.org")
+    monkeypatch.setenv("HOOKGATE_REPORT_RECIPIENTS", "ops@example.com,ops example.com")
+    with pytest.raises(ValidationError, match=r"not an email address: 'ops example\.com'"):
+        Settings()
