@@ -30,7 +30,7 @@ from schemas.beat import BeatSchedule, parse_beat_schedule
 from schemas.settings import Settings
 from schemas.topology import BEAT_LOCK_QUEUE
 
-__all__ = ["BeatLock", "LockedScheduler", "beat_schedule"]
+__all__ = ["LOCK_CONNECTION_NAME", "BeatLock", "LockedScheduler", "beat_schedule"]
 
 logger = structlog.get_logger(__name__)
 
@@ -38,6 +38,7 @@ logger = structlog.get_logger(__name__)
 # while still does the night's cleanup); an interval entry's only until the next one.
 _CRONTAB_EXPIRES_S = 12 * 3600
 _LOCK_HEARTBEAT_S = 10
+LOCK_CONNECTION_NAME = "hookgate beat lock"
 
 
 def _celery_schedule(parsed: BeatSchedule) -> BaseSchedule:
@@ -90,7 +91,9 @@ class BeatLock:
         if self.held:
             return True
         self.release()
-        connection = Connection(self._url, heartbeat=self._heartbeat_s, connect_timeout=5)
+        connection = Connection(self._url, heartbeat=self._heartbeat_s, connect_timeout=5,
+                                # The name RabbitMQ shows for the connection (rabbitmqctl list_connections).
+                                transport_options={"client_properties": {"connection_name": LOCK_CONNECTION_NAME}})
         try:
             connection.connect()
             self._queue(connection.channel()).declare()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
-import orjson
 from kombu import Connection
 
 from schemas.settings import Settings
@@ -28,11 +27,16 @@ def running_beat(settings: Settings, log_path: Path) -> Iterator[Hookgate]:
 
 
 def drain_task_messages(broker_url: str, queue: str) -> list[tuple[float, str]]:
-    """Take every message waiting in ``queue``: (time it was read, task name), in queue order."""
+    """Take every message beat left in ``queue``: (when it was sent, task name), in queue order.
+
+    The time comes from the message: beat sets each entry's ``expires`` a fixed interval after the send
+    (``consumers.beat``), so differences between those are differences between sends, however late the
+    test reads them.
+    """
     taken: list[tuple[float, str]] = []
     with Connection(broker_url) as conn:
         channel = conn.default_channel
         while (message := channel.basic_get(queue, no_ack=True)) is not None:
             headers = message.headers or {}
-            taken.append((time.monotonic(), str(headers.get("task") or orjson.loads(message.body))))
+            taken.append((datetime.fromisoformat(headers["expires"]).timestamp(), str(headers["task"])))
     return taken

@@ -17,6 +17,7 @@ from kombu import Connection
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from consumers.beat import LOCK_CONNECTION_NAME
 from consumers.store.database import make_engine, make_sessionmaker, utcnow
 from consumers.store.models import BeatRun, Event
 from consumers.topology import declare_topology, task_queue
@@ -183,3 +184,46 @@ def test_celery_inspect_sees_the_scheduled_tasks_on_a_worker(make_settings: Call
 
 def _answer(stdout: str) -> dict[str, object]:
     return orjson.loads(stdout.strip().splitlines()[-1])
+
+
+def _close_lock_connections(vhost: str) -> int:
+    """Have RabbitMQ close the held beat lock connections on ``vhost`` (as a broker restart or a partition would).
+
+    Held: open for more than a second, unlike a waiting beat's attempts, which last milliseconds.
+    """
+    listing = subprocess.run(["rabbitmqctl", "list_connections", "vhost", "pid", "connected_at", "client_properties"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    closed = 0
+    for line in listing.splitlines():
+        fields = line.split("\t")
+        if (len(fields) == 4 and fields[0] == vhost and f'"{LOCK_CONNECTION_NAME}"' in fields[3]
+                and time.time() * 1000 - int(fields[2]) > 1000):
+            subprocess.run(["rabbitmqctl", "close_connection", fields[1], "test closes the beat lock"],
+                           capture_output=True, timeout=30, check=True)
+            closed += 1
+    return closed
+
+
+def test_a_beat_whose_lock_connection_is_closed_stops_and_one_beat_carries_on(
+        beat_settings: Settings, queues: Callable[..., list[tuple[float, str]]], tmp_path: Path) -> None:
+    """When the broker closes the holder's lock connection, the holder stops sending at once and one of the two
+    beats (never both) takes the lock again: the sweep goes on once per interval."""
+    first_settings = beat_settings.model_copy(update={"state_dir": tmp_path / "first"})
+    second_settings = beat_settings.model_copy(update={"state_dir": tmp_path / "second"})
+    vhost = beat_settings.broker_url.rsplit("/", 1)[1]
+    with running_beat(first_settings, tmp_path / "first.log") as first:
+        wait_until(lambda: "beat_lock_acquired" in first.log_text(), "the first beat to take the lock")
+        with running_beat(second_settings, tmp_path / "second.log") as second:
+            wait_until(lambda: "beat_lock_waiting" in second.log_text(), "the second beat to wait")
+            before = queues(2.5)
+            assert _close_lock_connections(vhost) == 1
+            wait_until(lambda: "beat_lock_lost" in first.log_text(), "the first beat to notice", timeout_s=5)
+            wait_until(lambda: (first.log_text().count("beat_lock_acquired")
+                                + second.log_text().count("beat_lock_acquired")) == 2,
+                       "one beat to take the lock again", timeout_s=5)
+            after = queues(4.5)
+            acquisitions = first.log_text().count("beat_lock_acquired") + second.log_text().count("beat_lock_acquired")
+    messages = before + after
+    assert acquisitions == 2
+    assert min(_gaps(messages, SWEEP)) > 0.7, messages
+    assert len([m for m in after if m[1] == SWEEP]) >= 3, after
