@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import structlog
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
+from consumers.beat import beat_schedule
 from consumers.topology import task_queue, tasks_exchange
 from schemas import topology
 from schemas.settings import Settings
 
 __all__ = ["celery_app", "make_celery"]
 
-TASK_MODULES = ["consumers.tasks.webhooks"]
+TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.maintenance"]
+_WEBHOOK_TASKS = ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks",
+                  # The sweep's work is to enqueue webhooks: it runs where they are sent.
+                  "tasks.sweep_stuck_deliveries")
+_HEAVY_TASKS = ("tasks.cleanup_old_data", "tasks.generate_weekly_report")
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -33,8 +39,8 @@ def make_celery(settings: Settings) -> Celery:
         # By queue only: every queue is bound on hookgate.tasks by its own name, so the queue's routing
         # key is the one to use, also when a caller names another queue.
         task_routes={
-            name: {"queue": topology.WEBHOOKS_QUEUE}
-            for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks")
+            **{name: {"queue": topology.WEBHOOKS_QUEUE} for name in _WEBHOOK_TASKS},
+            **{name: {"queue": topology.HEAVY_QUEUE} for name in _HEAVY_TASKS},
         },
         task_serializer="json",
         accept_content=["json"],
@@ -49,6 +55,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_heartbeat=30,
         result_extended=True,
+        # Results are kept as long as everything else; in the store, tasks.cleanup_old_data removes them.
+        result_expires=timedelta(days=settings.retention_days),
+        beat_schedule=beat_schedule(settings),
+        beat_scheduler="consumers.beat:LockedScheduler",
         task_track_started=True,
         worker_hijack_root_logger=False,
         enable_utc=True,

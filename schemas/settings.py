@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from schemas.beat import validate_beat_schedule
+from schemas.reports import validate_recipients
 from schemas.retries import DEFAULT_RETRY_SCHEDULE, validate_retry_schedule
 
 
@@ -63,6 +65,21 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = 60
     task_time_limit_s: int = 90
 
+    # Scheduled work (beat). Each schedule is a crontab line ("0 2 * * *", UTC), a number of seconds
+    # between runs ("60"), or empty to turn the entry off.
+    sweep_schedule: str = "60"
+    cleanup_schedule: str = "0 2 * * *"
+    report_schedule: str = "0 9 * * 1"
+    # An open delivery untouched this long (and due this long) is taken for stranded and enqueued again.
+    sweep_stuck_after_s: float = Field(default=300.0, gt=0)
+    sweep_batch_size: int = Field(default=1000, ge=1)
+    retention_days: float = Field(default=30.0, gt=0)
+    # Events (with their deliveries and attempts) cleanup removes per transaction.
+    cleanup_batch_size: int = Field(default=500, ge=1)
+    report_recipients: Annotated[tuple[str, ...], NoDecode] = ()
+    # How often a beat waiting for the lock tries again, and how often the holder checks it still has it.
+    beat_lock_poll_s: float = Field(default=5.0, gt=0)
+
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = 8080
@@ -87,7 +104,7 @@ class Settings(BaseSettings):
     # How long `hookgate up` waits for its children to stop before killing them.
     shutdown_timeout_s: float = 30.0
 
-    @field_validator("retry_schedule", "allowed_target_cidrs", mode="before")
+    @field_validator("retry_schedule", "allowed_target_cidrs", "report_recipients", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         # "0,5,300" as documented; a JSON list as well, which is how settings are handed to child processes.
@@ -100,6 +117,16 @@ class Settings(BaseSettings):
     @classmethod
     def _schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         return validate_retry_schedule(value)
+
+    @field_validator("sweep_schedule", "cleanup_schedule", "report_schedule")
+    @classmethod
+    def _beat_schedule(cls, value: str) -> str:
+        return validate_beat_schedule(value)
+
+    @field_validator("report_recipients")
+    @classmethod
+    def _recipients(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return validate_recipients(value)
 
     @property
     def celery_result_backend(self) -> str:

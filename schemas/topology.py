@@ -17,3 +17,6 @@ BUILTIN_TASK_QUEUES = (WEBHOOKS_QUEUE,)
 INGEST_DELIVERY_LIMIT = 20
 
 ERROR_HEADER = "x-hookgate-error"
+
+# Held by the one beat that schedules: an exclusive queue, owned by that process's connection.
+BEAT_LOCK_QUEUE = "hookgate.beat"

@@ -19,7 +19,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ApiKey", "Attempt", "Base", "Delivery", "EndpointHealth", "Event", "Subscription", "UTCDateTime"]
+__all__ = [
+    "ApiKey", "Attempt", "Base", "BeatRun", "Delivery", "EndpointHealth", "Event", "Subscription", "UTCDateTime",
+]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -103,6 +105,8 @@ class Delivery(Base):
         # In-flight counts per endpoint: only leased rows have a lease_until ahead of now.
         Index("ix_deliveries_subscription_lease", "subscription_id", "lease_until"),
         Index("ix_deliveries_subscription_held", "subscription_id", "held_since"),
+        # The stuck-delivery sweep: open deliveries nobody touched for a while.
+        Index("ix_deliveries_status_updated", "status", "updated_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -162,3 +166,12 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     response_headers: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     response_body: Mapped[str | None] = mapped_column(Text)
+
+
+class BeatRun(Base):
+    """When each beat entry was last sent: the lock's next holder carries on from here, not from its own start."""
+
+    __tablename__ = "beat_runs"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    last_run_at: Mapped[datetime]
