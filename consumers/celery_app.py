@@ -6,15 +6,15 @@ from typing import Any
 
 import structlog
 from celery import Celery, Task
-from celery.signals import task_postrun, task_prerun
+from celery.signals import task_postrun, task_prerun, worker_init
 
-from consumers.topology import task_queue, tasks_exchange
+from consumers.topology import declare_topology, task_queue, tasks_exchange
 from schemas import topology
 from schemas.settings import Settings
 
 __all__ = ["celery_app", "make_celery"]
 
-TASK_MODULES = ["consumers.tasks.webhooks"]
+TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.email"]
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -22,7 +22,8 @@ def make_celery(settings: Settings) -> Celery:
         "hookgate",
         broker=settings.broker_url,
         backend=settings.celery_result_backend,
-        include=TASK_MODULES,
+        # The user's task modules (HOOKGATE_TASK_MODULES) after ours: custom task routes' tasks.
+        include=[*TASK_MODULES, *settings.task_modules],
     )
     app.conf.update(
         task_queues=[task_queue(q) for q in topology.BUILTIN_TASK_QUEUES],
@@ -33,8 +34,9 @@ def make_celery(settings: Settings) -> Celery:
         # By queue only: every queue is bound on hookgate.tasks by its own name, so the queue's routing
         # key is the one to use, also when a caller names another queue.
         task_routes={
-            name: {"queue": topology.WEBHOOKS_QUEUE}
-            for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks")
+            **{name: {"queue": topology.WEBHOOKS_QUEUE}
+               for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks")},
+            "tasks.send_email": {"queue": topology.EMAIL_QUEUE},
         },
         task_serializer="json",
         accept_content=["json"],
@@ -61,6 +63,17 @@ def make_celery(settings: Settings) -> Celery:
     app.amqp.autoexchange = lambda _name: tasks_exchange
     app.conf.hookgate_settings = settings
     return app
+
+
+@worker_init.connect
+def _declare_builtin_queues(sender: Any, **_: Any) -> None:
+    """Every built-in queue exists before the worker binds them all to the delayed-delivery exchanges.
+
+    Celery binds every configured queue, not only the ones this worker consumes; one missing (an
+    email worker started before anything declared `webhooks`) would switch delayed delivery off.
+    """
+    with sender.app.connection_for_write() as connection:
+        declare_topology(connection)
 
 
 @task_prerun.connect

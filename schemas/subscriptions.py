@@ -9,7 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.email import EmailOptions, EmailTemplate
 from schemas.retries import validate_retry_schedule
+from schemas.tasks import TaskOptions
 
 __all__ = [
     "Channel",
@@ -103,16 +105,50 @@ class SubscriptionCreate(_SubscriptionFields):
     max_in_flight: int | None = Field(
         default=None, ge=1, description="Concurrent requests to the endpoint; null: the global default."
     )
-    # Channel options for email and task subscriptions (their own issues give them a schema).
-    options: dict[str, Any] = Field(default_factory=dict)
+    # Email: recipients (addresses, or a JSON pointer into the event), sender and templates.
+    to: list[str] | str | None = Field(default=None, description="Email: addresses, or a JSON pointer such as "
+                                       "/data/customer/email to an address or a list of them in the event.")
+    from_: str | None = Field(default=None, alias="from", max_length=320, description="Email: the sender.")
+    reply_to: str | None = Field(default=None, max_length=320, description="Email: the Reply-To address.")
+    template: EmailTemplate | None = Field(default=None, description="Email: Jinja2 subject, text and html.")
+    # Task: the user's Celery task and its queue.
+    task: str | None = Field(default=None, max_length=200, description="Task: the Celery task's registered name.")
+    queue: str | None = Field(default=None, max_length=100, description="Task: the queue it is consumed from.")
+    # Set from the channel fields above, as the store keeps them; not given by clients.
+    options: dict[str, Any] = Field(default_factory=dict, exclude=True, json_schema_extra={"readOnly": True})
 
     @model_validator(mode="after")
     def _channel_needs(self) -> SubscriptionCreate:
-        if self.channel is Channel.WEBHOOK and not self.url:
-            raise ValueError("a webhook subscription needs a url")
-        if self.channel is not Channel.WEBHOOK:
-            raise ValueError(f"the {self.channel.value} channel is not available yet; use webhook")
+        given = {name for name in _CHANNEL_FIELDS if getattr(self, name) is not None}
+        allowed = _CHANNEL_FIELDS_OF[self.channel]
+        if given - allowed:
+            fields = ", ".join(sorted(_ALIASES.get(name, name) for name in given - allowed))
+            raise ValueError(f"{fields} do not apply to a {self.channel.value} subscription")
+        if self.options:
+            raise ValueError("options are set from the channel's fields; give those instead")
+        if self.channel is Channel.WEBHOOK:
+            if not self.url:
+                raise ValueError("a webhook subscription needs a url")
+            return self
+        if self.url is not None:
+            raise ValueError(f"a {self.channel.value} subscription has no url")
+        model = EmailOptions if self.channel is Channel.EMAIL else TaskOptions
+        missing = sorted(_ALIASES.get(name, name) for name in model.model_fields
+                         if model.model_fields[name].is_required() and getattr(self, name) is None)
+        if missing:
+            raise ValueError(f"a {self.channel.value} subscription needs {', '.join(missing)}")
+        values = {name: getattr(self, name) for name in model.model_fields}
+        self.options = model.model_validate(values).model_dump(mode="json", by_alias=True, exclude_none=True)
         return self
+
+
+_CHANNEL_FIELDS_OF = {
+    Channel.WEBHOOK: frozenset[str](),
+    Channel.EMAIL: frozenset({"to", "from_", "reply_to", "template"}),
+    Channel.TASK: frozenset({"task", "queue"}),
+}
+_CHANNEL_FIELDS = frozenset().union(*_CHANNEL_FIELDS_OF.values())
+_ALIASES = {"from_": "from"}
 
 
 class SubscriptionUpdate(_SubscriptionFields):

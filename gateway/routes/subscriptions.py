@@ -59,7 +59,7 @@ async def _release_held(request: Request, subscription: SubscriptionOut) -> None
     """Send the deliveries that waited while the subscription was disabled or its endpoint paused."""
     sessions = request.app.state.sessions
     while released := await asyncio.to_thread(deliveries.release_held, sessions, subscription.id, _RELEASE_CHUNK):
-        await enqueue_deliveries(request, subscription.channel.value, released)
+        await enqueue_deliveries(request, released)
 
 
 def _not_found(subscription_id: str) -> Problem:
