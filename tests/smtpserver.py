@@ -15,6 +15,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections import deque
@@ -42,6 +43,12 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        if address in self.sink.refused_recipients:
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         sink = self.sink
         with sink.lock:
@@ -62,14 +69,18 @@ class _Handler:
 class SmtpSink:
     """aiosmtpd's Controller on a free loopback port; ``received`` holds the accepted messages in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, **smtp_options: Any) -> None:
+        """``ssl_context`` makes it SMTPS (TLS from the first byte); ``smtp_options`` go to aiosmtpd's SMTP
+        (``tls_context`` and ``require_starttls`` for STARTTLS, ``authenticator`` and ``auth_required``)."""
         self.port = free_port()
+        self.refused_recipients: set[str] = set()
         self.lock = threading.Lock()
         self.received: list[Received] = []
         self.replies: deque[str] = deque()
         self.data_commands = 0
         self.stall_s = 0.0
-        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
+        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port, ssl_context=ssl_context,
+                                      **smtp_options)
 
     def script(self, *replies: str) -> None:
         """Answer the next DATA commands with these replies instead of accepting."""
