@@ -60,11 +60,12 @@ def add_event_delivery(sessions: sessionmaker[Session], subscription_id: str, da
 
 def load(sessions: sessionmaker[Session], delivery_id: str) -> tuple[Delivery, list[Attempt]]:
     with sessions() as session:
-        # Attempts first: the delivery read after them is at least as new (they commit together).
-        attempts = list(session.scalars(select(Attempt).where(Attempt.delivery_id == delivery_id)
-                                        .order_by(Attempt.number)))
+        # The delivery first: the attempts read after it are at least as new (they commit together), so a
+        # delivery seen finished comes with its last attempt.
         delivery = session.get(Delivery, delivery_id)
         assert delivery is not None
+        attempts = list(session.scalars(select(Attempt).where(Attempt.delivery_id == delivery_id)
+                                        .order_by(Attempt.number)))
         return delivery, attempts
 
 
