@@ -14,6 +14,7 @@ from schemas.retries import validate_retry_schedule
 from schemas.tasks import TaskOptions
 
 __all__ = [
+    "CHANNEL_FIELDS",
     "Channel",
     "PayloadFormat",
     "SecretRotation",
@@ -22,6 +23,7 @@ __all__ = [
     "SubscriptionPage",
     "SubscriptionSecret",
     "SubscriptionUpdate",
+    "channel_options",
     "validate_secret",
     "validate_topic_pattern",
 ]
@@ -119,7 +121,7 @@ class SubscriptionCreate(_SubscriptionFields):
 
     @model_validator(mode="after")
     def _channel_needs(self) -> SubscriptionCreate:
-        given = {name for name in _CHANNEL_FIELDS if getattr(self, name) is not None}
+        given = {name for name in CHANNEL_FIELDS if getattr(self, name) is not None}
         allowed = _CHANNEL_FIELDS_OF[self.channel]
         if given - allowed:
             fields = ", ".join(sorted(_ALIASES.get(name, name) for name in given - allowed))
@@ -132,14 +134,29 @@ class SubscriptionCreate(_SubscriptionFields):
             return self
         if self.url is not None:
             raise ValueError(f"a {self.channel.value} subscription has no url")
-        model = EmailOptions if self.channel is Channel.EMAIL else TaskOptions
+        model = _OPTIONS_OF[self.channel]
         missing = sorted(_ALIASES.get(name, name) for name in model.model_fields
                          if model.model_fields[name].is_required() and getattr(self, name) is None)
         if missing:
             raise ValueError(f"a {self.channel.value} subscription needs {', '.join(missing)}")
-        values = {name: getattr(self, name) for name in model.model_fields}
-        self.options = model.model_validate(values).model_dump(mode="json", by_alias=True, exclude_none=True)
+        self.options = channel_options(self.channel, {name: getattr(self, name) for name in model.model_fields})
         return self
+
+
+class _NoChannelFields(BaseModel):
+    """A webhook subscription has no channel fields: any given is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+_OPTIONS_OF: dict[Channel, type[BaseModel]] = {
+    Channel.WEBHOOK: _NoChannelFields, Channel.EMAIL: EmailOptions, Channel.TASK: TaskOptions,
+}
+
+
+def channel_options(channel: Channel, values: dict[str, Any]) -> dict[str, Any]:
+    """A channel's fields (by name or alias) as the store keeps them in ``options``; ValidationError if bad."""
+    return _OPTIONS_OF[channel].model_validate(values).model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 _CHANNEL_FIELDS_OF = {
@@ -147,7 +164,8 @@ _CHANNEL_FIELDS_OF = {
     Channel.EMAIL: frozenset({"to", "from_", "reply_to", "template"}),
     Channel.TASK: frozenset({"task", "queue"}),
 }
-_CHANNEL_FIELDS = frozenset().union(*_CHANNEL_FIELDS_OF.values())
+# The field names (not aliases) of every channel's fields.
+CHANNEL_FIELDS = frozenset().union(*_CHANNEL_FIELDS_OF.values())
 _ALIASES = {"from_": "from"}
 
 
@@ -163,6 +181,17 @@ class SubscriptionUpdate(_SubscriptionFields):
     payload_format: PayloadFormat | None = None
     rate_limit_per_s: float | None = Field(default=None, gt=0)
     max_in_flight: int | None = Field(default=None, ge=1)
+    # Channel fields of email and task subscriptions; checked against the subscription's channel when applied.
+    to: list[str] | str | None = None
+    from_: str | None = Field(default=None, alias="from", max_length=320)
+    reply_to: str | None = Field(default=None, max_length=320, description="null removes it.")
+    template: EmailTemplate | None = Field(default=None, description="Replaces the whole template.")
+    task: str | None = Field(default=None, max_length=200)
+    queue: str | None = Field(default=None, max_length=100)
+
+    def channel_changes(self) -> dict[str, Any]:
+        """The channel fields present, by the names ``options`` uses (``from``, not ``from_``)."""
+        return {_ALIASES.get(name, name): getattr(self, name) for name in self.model_fields_set & CHANNEL_FIELDS}
 
     @model_validator(mode="after")
     def _no_nulls(self) -> SubscriptionUpdate:
@@ -174,7 +203,7 @@ class SubscriptionUpdate(_SubscriptionFields):
 
 
 # Fields whose null means "the global default" rather than "erase".
-_NULLABLE = frozenset({"retry_schedule", "rate_limit_per_s", "max_in_flight"})
+_NULLABLE = frozenset({"retry_schedule", "rate_limit_per_s", "max_in_flight", "reply_to"})
 
 
 class SubscriptionOut(BaseModel):

@@ -81,3 +81,33 @@ async def test_a_bad_channel_subscription_is_a_422_and_stores_nothing(
 
     assert problem["errors"] and any(error["field"].startswith(field) for error in problem["errors"])
     assert count_rows(gateway.sessions, Subscription) == 0
+
+
+async def test_patch_changes_channel_fields_checked_against_the_channel(gateway: Gateway) -> None:
+    """PATCH replaces an email subscription's template and recipients and removes reply_to with null; fields of
+    another channel, or bad values, are a 422 that changes nothing."""
+    created = (await gateway.client.post("/v1/subscriptions", json=email_fields())).json()
+    path = f"/v1/subscriptions/{created['id']}"
+    template = {"subject": "Shipped {{ data.order_id }}", "text": "On its way."}
+
+    response = await gateway.client.patch(path, json={"template": template, "to": ["ops@example.com"],
+                                                      "reply_to": None})
+    assert response.status_code == 200, response.text
+    assert response.json()["options"] == {"to": ["ops@example.com"], "from": "shop@example.com",
+                                          "template": template}
+    for change, field in (({"queue": "billing"}, "queue"), ({"to": ["nope"]}, "to"),
+                          ({"template": {"subject": "{{", "text": "t"}}, "template.subject")):
+        problem = assert_problem(await gateway.client.patch(path, json=change), 422)
+        assert any(error["field"].startswith(field) for error in problem["errors"]), problem
+    assert (await gateway.client.get(path)).json()["options"] == response.json()["options"]
+
+
+async def test_patch_with_channel_fields_on_a_webhook_subscription_is_a_422(gateway: Gateway) -> None:
+    """A webhook subscription has no channel fields: a PATCH naming one is refused and changes nothing."""
+    created = (await gateway.client.post("/v1/subscriptions", json={
+        "event_types": ["order.*"], "url": "http://127.0.0.1:8999/hook"})).json()
+    problem = assert_problem(await gateway.client.patch(f"/v1/subscriptions/{created['id']}",
+                                                        json={"task": "billing.tasks.x"}), 422)
+
+    assert [error["field"] for error in problem["errors"]] == ["task"]
+    assert (await gateway.client.get(f"/v1/subscriptions/{created['id']}")).json()["options"] == {}
