@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import smtplib
+import socket
 import ssl
 import time
 from collections.abc import Sequence
@@ -95,8 +96,10 @@ class Mailer:
                  context: ssl.SSLContext | None = None) -> None:
         self.primary = primary
         self.fallback = fallback
-        # The default context verifies certificates against the system's (or SSL_CERT_FILE's) CAs.
+        # Made on first use and kept: loading the CA bundle costs tens of milliseconds of CPU, and smtplib
+        # would look up this host's FQDN (DNS) on every connection.
         self._context = context
+        self._local_hostname: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Mailer:
@@ -150,17 +153,26 @@ class Mailer:
         except (smtplib.SMTPException, OSError) as exc:  # no connection, a timeout, a TLS failure, a hang-up
             raise SmtpTransientError(f"{server.name} unreachable: {type(exc).__name__}: {exc}") from exc
 
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._context is None:
+            # Verifies certificates against the system's CAs (or SSL_CERT_FILE's).
+            self._context = ssl.create_default_context()
+        return self._context
+
     def _connect(self, server: SmtpServer) -> smtplib.SMTP:
-        context = self._context or ssl.create_default_context()
+        if self._local_hostname is None:
+            self._local_hostname = socket.getfqdn()
         smtp: smtplib.SMTP
         if server.security == "tls":
-            smtp = smtplib.SMTP_SSL(server.host, server.port, timeout=server.timeout_s, context=context)
+            smtp = smtplib.SMTP_SSL(server.host, server.port, local_hostname=self._local_hostname,
+                                    timeout=server.timeout_s, context=self._tls_context())
         else:
-            smtp = smtplib.SMTP(server.host, server.port, timeout=server.timeout_s)
+            smtp = smtplib.SMTP(server.host, server.port, local_hostname=self._local_hostname,
+                                timeout=server.timeout_s)
         try:
             smtp.ehlo()
             if server.security == "starttls":
-                smtp.starttls(context=context)
+                smtp.starttls(context=self._tls_context())
                 smtp.ehlo()
             if server.username:
                 smtp.login(server.username, server.password)
