@@ -12,7 +12,7 @@ from celery import Celery
 from kombu import Connection
 from kombu.exceptions import KombuError
 
-from consumers.publisher import OutgoingMessage, PublishError
+from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from consumers.store.ingest import ActiveSubscription, PendingDelivery
 from consumers.topology import declare_topology
 from schemas import topology
@@ -101,14 +101,20 @@ class TaskQueues:
         self._broker_url = broker_url
         self._declared = set(topology.BUILTIN_TASK_QUEUES)
 
-    async def ensure(self, messages: Iterable[OutgoingMessage]) -> None:
+    async def publish(self, publisher: ConfirmingPublisher, messages: Sequence[OutgoingMessage]) -> None:
+        """Declare the queues these task messages go to that this process has not declared, then publish."""
+        try:
+            await self._ensure(messages)
+            await publisher.publish(messages)
+        except PublishError:
+            self._declared = set(topology.BUILTIN_TASK_QUEUES)
+            raise
+
+    async def _ensure(self, messages: Iterable[OutgoingMessage]) -> None:
         missing = {m.routing_key for m in messages if m.exchange == topology.TASKS_EXCHANGE} - self._declared
         if missing:
             await asyncio.to_thread(self._declare, tuple(sorted(missing)))
             self._declared |= missing
-
-    def forget(self) -> None:
-        self._declared = set(topology.BUILTIN_TASK_QUEUES)
 
     def _declare(self, names: tuple[str, ...]) -> None:
         try:

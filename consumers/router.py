@@ -168,12 +168,7 @@ class Router:
             subscriptions = await self._active_subscriptions()
             pending, duplicates = await asyncio.to_thread(persist_events, self._sessions, events, subscriptions)
             messages = delivery_task_messages(self._celery, pending, self._settings.webhook_batch_size)
-            try:
-                await self._queues.ensure(messages)
-                await self._publisher.publish(messages)
-            except PublishError:
-                self._queues.forget()
-                raise
+            await self._queues.publish(self._publisher, messages)
         await _ack_through(batch[-1])
         # Counted once acked: a batch retried after a pause is not counted twice.
         EVENTS_ROUTED.inc(len(events) - duplicates)

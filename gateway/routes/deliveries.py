@@ -30,14 +30,12 @@ log = structlog.get_logger(__name__)
 async def enqueue_deliveries(request: Request, delivery_ids: list[str]) -> None:
     """Publish the tasks for deliveries already made pending in the store, on their routes; 503 if not confirmed."""
     settings: Settings = request.app.state.settings
-    pending = await asyncio.to_thread(pending_deliveries, request.app.state.sessions, delivery_ids)
+    pending = await asyncio.to_thread(pending_deliveries, request.app.state.read_sessions, delivery_ids)
     messages = delivery_task_messages(request.app.state.celery, pending, settings.webhook_batch_size)
     queues: TaskQueues = request.app.state.task_queues
     try:
-        await queues.ensure(messages)
-        await request.app.state.publisher.publish(messages)
+        await queues.publish(request.app.state.publisher, messages)
     except PublishError as exc:
-        queues.forget()
         # The deliveries are pending in the store already; the stuck-delivery sweep sends them later.
         raise Problem(503, f"the broker did not take the retry: {exc}; it will be sent later",
                       headers={"Retry-After": str(settings.broker_retry_after_s)}) from exc
