@@ -7,18 +7,18 @@ from typing import Any
 
 import structlog
 from celery import Celery, Task
-from celery.signals import task_postrun, task_prerun
+from celery.signals import task_postrun, task_prerun, worker_init
 
 from consumers.beat import beat_schedule
-from consumers.topology import task_queue, tasks_exchange
+from consumers.topology import declare_topology, task_queue, tasks_exchange
 from schemas import topology
 from schemas.settings import Settings
 
 __all__ = ["celery_app", "make_celery"]
 
-TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.maintenance"]
+TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.email", "consumers.tasks.maintenance"]
 _WEBHOOK_TASKS = ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks",
-                  # The sweep's work is to enqueue webhooks: it runs where they are sent.
+                  # The sweep's work is to enqueue deliveries: it runs where webhooks are sent.
                   "tasks.sweep_stuck_deliveries")
 _HEAVY_TASKS = ("tasks.cleanup_old_data", "tasks.generate_weekly_report")
 
@@ -28,7 +28,8 @@ def make_celery(settings: Settings) -> Celery:
         "hookgate",
         broker=settings.broker_url,
         backend=settings.celery_result_backend,
-        include=TASK_MODULES,
+        # The user's task modules (HOOKGATE_TASK_MODULES) after ours: custom task routes' tasks.
+        include=[*TASK_MODULES, *settings.task_modules],
     )
     app.conf.update(
         task_queues=[task_queue(q) for q in topology.BUILTIN_TASK_QUEUES],
@@ -41,6 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={
             **{name: {"queue": topology.WEBHOOKS_QUEUE} for name in _WEBHOOK_TASKS},
             **{name: {"queue": topology.HEAVY_QUEUE} for name in _HEAVY_TASKS},
+            "tasks.send_email": {"queue": topology.EMAIL_QUEUE},
         },
         task_serializer="json",
         accept_content=["json"],
@@ -71,6 +73,17 @@ def make_celery(settings: Settings) -> Celery:
     app.amqp.autoexchange = lambda _name: tasks_exchange
     app.conf.hookgate_settings = settings
     return app
+
+
+@worker_init.connect
+def _declare_builtin_queues(sender: Any, **_: Any) -> None:
+    """Every built-in queue exists before the worker binds them all to the delayed-delivery exchanges.
+
+    Celery binds every configured queue, not only the ones this worker consumes; one missing (an
+    email worker started before anything declared `webhooks`) would switch delayed delivery off.
+    """
+    with sender.app.connection_for_write() as connection:
+        declare_topology(connection)
 
 
 @task_prerun.connect

@@ -27,7 +27,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import make_celery
-from consumers.channels import delivery_task_messages, task_queues
+from consumers.channels import TaskQueues, delivery_task_messages, task_queues
 from consumers.metrics import EVENTS_DEAD_LETTERED, EVENTS_DUPLICATE, EVENTS_ROUTED, serve_metrics
 from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from consumers.runtime import tune_gc
@@ -84,6 +84,7 @@ class Router:
         self._sessions = sessions
         self._publisher = publisher
         self._celery = celery
+        self._queues = TaskQueues(settings.broker_url)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._subscriptions: list[ActiveSubscription] = []
         self._subscriptions_at = float("-inf")
@@ -168,7 +169,8 @@ class Router:
         if events:
             subscriptions = await self._active_subscriptions()
             pending, duplicates = await asyncio.to_thread(persist_events, self._sessions, events, subscriptions)
-            await self._publisher.publish(self._task_messages(pending))
+            messages = delivery_task_messages(self._celery, pending, self._settings.webhook_batch_size)
+            await self._queues.publish(self._publisher, messages)
         await _ack_through(batch[-1])
         # Counted once acked: a batch retried after a pause is not counted twice.
         EVENTS_ROUTED.inc(len(events) - duplicates)
@@ -185,16 +187,6 @@ class Router:
             self._subscriptions = await asyncio.to_thread(load_active_subscriptions, self._sessions)
             self._subscriptions_at = now
         return self._subscriptions
-
-    def _task_messages(self, pending: Sequence[PendingDelivery]) -> list[OutgoingMessage]:
-        by_channel: dict[str, list[str]] = {}
-        for delivery in pending:
-            by_channel.setdefault(delivery.subscription.channel, []).append(delivery.delivery_id)
-        return [
-            message
-            for channel, ids in by_channel.items()
-            for message in delivery_task_messages(self._celery, channel, ids, self._settings.webhook_batch_size)
-        ]
 
     async def _dead_letter_and_ack(self, message: AbstractIncomingMessage, reason: str) -> None:
         await self._publisher.publish([_dead_letter(message, reason)])

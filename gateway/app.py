@@ -10,6 +10,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from consumers.celery_app import make_celery
+from consumers.channels import TaskQueues
 from consumers.publisher import ConfirmingPublisher
 from consumers.runtime import tune_gc
 from consumers.store.database import make_engine, make_sessionmaker
@@ -69,4 +70,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     # Builds the task messages of manual retries; it never connects.
     app.state.celery = make_celery(settings)
+    # Declares a custom task route's queue before a retry is first published to it.
+    app.state.task_queues = TaskQueues(settings.broker_url)
     return app

@@ -23,12 +23,14 @@ __all__ = [
 class DeliveryStatus(StrEnum):
     PENDING = "pending"
     RETRYING = "retrying"
+    # Email and task deliveries: taken by one worker (a conditional UPDATE) and being sent now.
+    SENDING = "sending"
     SUCCEEDED = "succeeded"
     DEAD = "dead"
     CANCELLED = "cancelled"
 
 
-OPEN_STATUSES = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
+OPEN_STATUSES = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING, DeliveryStatus.SENDING)
 # What a client may send again on demand.
 REPLAYABLE_STATUSES = (DeliveryStatus.DEAD, DeliveryStatus.SUCCEEDED)
 

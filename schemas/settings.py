@@ -64,6 +64,28 @@ class Settings(BaseSettings):
     secret_rotation_grace_s: float = Field(default=86400.0, ge=0)
     task_soft_time_limit_s: int = 60
     task_time_limit_s: int = 90
+    # A claimed delivery's lease outlives the task's hard time limit by this much, so no second worker
+    # sends while a killed child may still be sending.
+    lease_margin_s: int = Field(default=30, ge=1)
+
+    # Email delivery: the primary SMTP server, and an optional fallback (no host: none) that sends when
+    # the primary is unreachable or answers with a transient error.
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_username: str = ""
+    smtp_password: str = Field(default="", repr=False)
+    smtp_security: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout_s: float = Field(default=30.0, gt=0)
+    smtp_fallback_host: str = ""
+    smtp_fallback_port: int = Field(default=25, ge=1, le=65535)
+    smtp_fallback_username: str = ""
+    smtp_fallback_password: str = Field(default="", repr=False)
+    smtp_fallback_security: Literal["none", "starttls", "tls"] = "none"
+    smtp_fallback_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Custom task routes: modules of the user's Celery tasks, added to the Celery app's include
+    # (comma-separated in the environment).
+    task_modules: Annotated[tuple[str, ...], NoDecode] = ()
 
     # Scheduled work (beat). Each schedule is a crontab line ("0 2 * * *", UTC), a number of seconds
     # between runs ("60"), or empty to turn the entry off.
@@ -104,7 +126,7 @@ class Settings(BaseSettings):
     # How long `hookgate up` waits for its children to stop before killing them.
     shutdown_timeout_s: float = 30.0
 
-    @field_validator("retry_schedule", "allowed_target_cidrs", "report_recipients", mode="before")
+    @field_validator("retry_schedule", "allowed_target_cidrs", "report_recipients", "task_modules", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         # "0,5,300" as documented; a JSON list as well, which is how settings are handed to child processes.

@@ -9,9 +9,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.email import EmailOptions, EmailTemplate
 from schemas.retries import validate_retry_schedule
+from schemas.tasks import TaskOptions
 
 __all__ = [
+    "CHANNEL_FIELDS",
     "Channel",
     "PayloadFormat",
     "SecretRotation",
@@ -20,6 +23,7 @@ __all__ = [
     "SubscriptionPage",
     "SubscriptionSecret",
     "SubscriptionUpdate",
+    "channel_options",
     "validate_secret",
     "validate_topic_pattern",
 ]
@@ -103,16 +107,66 @@ class SubscriptionCreate(_SubscriptionFields):
     max_in_flight: int | None = Field(
         default=None, ge=1, description="Concurrent requests to the endpoint; null: the global default."
     )
-    # Channel options for email and task subscriptions (their own issues give them a schema).
-    options: dict[str, Any] = Field(default_factory=dict)
+    # Email: recipients (addresses, or a JSON pointer into the event), sender and templates.
+    to: list[str] | str | None = Field(default=None, description="Email: addresses, or a JSON pointer such as "
+                                       "/data/customer/email to an address or a list of them in the event.")
+    from_: str | None = Field(default=None, alias="from", max_length=320, description="Email: the sender.")
+    reply_to: str | None = Field(default=None, max_length=320, description="Email: the Reply-To address.")
+    template: EmailTemplate | None = Field(default=None, description="Email: Jinja2 subject, text and html.")
+    # Task: the user's Celery task and its queue.
+    task: str | None = Field(default=None, max_length=200, description="Task: the Celery task's registered name.")
+    queue: str | None = Field(default=None, max_length=100, description="Task: the queue it is consumed from.")
+    # Set from the channel fields above, as the store keeps them; not given by clients.
+    options: dict[str, Any] = Field(default_factory=dict, exclude=True, json_schema_extra={"readOnly": True})
 
     @model_validator(mode="after")
     def _channel_needs(self) -> SubscriptionCreate:
-        if self.channel is Channel.WEBHOOK and not self.url:
-            raise ValueError("a webhook subscription needs a url")
-        if self.channel is not Channel.WEBHOOK:
-            raise ValueError(f"the {self.channel.value} channel is not available yet; use webhook")
+        given = {name for name in CHANNEL_FIELDS if getattr(self, name) is not None}
+        allowed = _CHANNEL_FIELDS_OF[self.channel]
+        if given - allowed:
+            fields = ", ".join(sorted(_ALIASES.get(name, name) for name in given - allowed))
+            raise ValueError(f"{fields} do not apply to a {self.channel.value} subscription")
+        if self.options:
+            raise ValueError("options are set from the channel's fields; give those instead")
+        if self.channel is Channel.WEBHOOK:
+            if not self.url:
+                raise ValueError("a webhook subscription needs a url")
+            return self
+        if self.url is not None:
+            raise ValueError(f"a {self.channel.value} subscription has no url")
+        model = _OPTIONS_OF[self.channel]
+        missing = sorted(_ALIASES.get(name, name) for name in model.model_fields
+                         if model.model_fields[name].is_required() and getattr(self, name) is None)
+        if missing:
+            raise ValueError(f"a {self.channel.value} subscription needs {', '.join(missing)}")
+        self.options = channel_options(self.channel, {name: getattr(self, name) for name in model.model_fields})
         return self
+
+
+class _NoChannelFields(BaseModel):
+    """A webhook subscription has no channel fields: any given is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+_OPTIONS_OF: dict[Channel, type[BaseModel]] = {
+    Channel.WEBHOOK: _NoChannelFields, Channel.EMAIL: EmailOptions, Channel.TASK: TaskOptions,
+}
+
+
+def channel_options(channel: Channel, values: dict[str, Any]) -> dict[str, Any]:
+    """A channel's fields (by name or alias) as the store keeps them in ``options``; ValidationError if bad."""
+    return _OPTIONS_OF[channel].model_validate(values).model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+_CHANNEL_FIELDS_OF = {
+    Channel.WEBHOOK: frozenset[str](),
+    Channel.EMAIL: frozenset({"to", "from_", "reply_to", "template"}),
+    Channel.TASK: frozenset({"task", "queue"}),
+}
+# The field names (not aliases) of every channel's fields.
+CHANNEL_FIELDS = frozenset().union(*_CHANNEL_FIELDS_OF.values())
+_ALIASES = {"from_": "from"}
 
 
 class SubscriptionUpdate(_SubscriptionFields):
@@ -127,6 +181,17 @@ class SubscriptionUpdate(_SubscriptionFields):
     payload_format: PayloadFormat | None = None
     rate_limit_per_s: float | None = Field(default=None, gt=0)
     max_in_flight: int | None = Field(default=None, ge=1)
+    # Channel fields of email and task subscriptions; checked against the subscription's channel when applied.
+    to: list[str] | str | None = None
+    from_: str | None = Field(default=None, alias="from", max_length=320)
+    reply_to: str | None = Field(default=None, max_length=320, description="null removes it.")
+    template: EmailTemplate | None = Field(default=None, description="Replaces the whole template.")
+    task: str | None = Field(default=None, max_length=200)
+    queue: str | None = Field(default=None, max_length=100)
+
+    def channel_changes(self) -> dict[str, Any]:
+        """The channel fields present, by the names ``options`` uses (``from``, not ``from_``)."""
+        return {_ALIASES.get(name, name): getattr(self, name) for name in self.model_fields_set & CHANNEL_FIELDS}
 
     @model_validator(mode="after")
     def _no_nulls(self) -> SubscriptionUpdate:
@@ -138,7 +203,7 @@ class SubscriptionUpdate(_SubscriptionFields):
 
 
 # Fields whose null means "the global default" rather than "erase".
-_NULLABLE = frozenset({"retry_schedule", "rate_limit_per_s", "max_in_flight"})
+_NULLABLE = frozenset({"retry_schedule", "rate_limit_per_s", "max_in_flight", "reply_to"})
 
 
 class SubscriptionOut(BaseModel):

@@ -268,14 +268,17 @@ def up(broker_url: str, celery_control: Celery, tmp_path: Path) -> Iterator[Up]:
 
 def test_up_runs_every_process_with_the_operator_commands(up: Up, celery_control: Celery) -> None:
     """`hookgate up` runs the gateway, the router, a worker per queue and beat, as `python -m gateway.cli ...`."""
-    commands = {name: cmdline(up.pid_of(name))[1:] for name in ("gateway", "router", "worker-webhooks", "beat")}
+    commands = {name: cmdline(up.pid_of(name))[1:]
+                for name in ("gateway", "router", "worker-webhooks", "worker-email", "beat")}
     assert commands == {
         "gateway": ["-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(up.port)],
         "router": ["-m", "gateway.cli", "router"],
         "worker-webhooks": ["-m", "gateway.cli", "worker", "-Q", "webhooks"],
+        "worker-email": ["-m", "gateway.cli", "worker", "-Q", "email"],
         "beat": ["-m", "gateway.cli", "beat"],
     }
-    assert [name.split("@")[0] for name in worker_pongs(celery_control)] == ["webhooks"]
+    wait_until(lambda: len(worker_pongs(celery_control)) == 2, 30, "both workers to answer a ping")
+    assert sorted(name.split("@")[0] for name in worker_pongs(celery_control)) == ["email", "webhooks"]
     # shelve picks the dbm flavour, and with it the file names: celerybeat-schedule, .db, or .dat and .dir.
     wait_until(lambda: list(up.state_dir.glob("celerybeat-schedule*")), 10, "beat's schedule in the state directory")
     assert alive(up.pid_of("beat"))
@@ -296,7 +299,7 @@ def test_up_restarts_a_killed_child(up: Up, broker_url: str) -> None:
 def test_sigterm_stops_everything_and_exits_0(up: Up) -> None:
     """SIGTERM to `hookgate up` stops every child and grandchild gracefully, in bounded time, with exit code 0."""
     tree = descendants(up.process.pid)
-    assert len(tree) >= 5  # four children, and the worker's pool
+    assert len(tree) >= 6  # five children, and the workers' pools
     started = time.monotonic()
     assert up.stop(timeout_s=30) == 0
     assert time.monotonic() - started < 15

@@ -21,6 +21,7 @@ from schemas.subscriptions import Channel
 
 __all__ = [
     "AttemptRecord",
+    "ChannelJob",
     "Claim",
     "DeliveryJob",
     "Outcome",
@@ -28,6 +29,7 @@ __all__ = [
     "SkipReason",
     "cancel",
     "claim",
+    "claim_channel",
     "claim_many",
     "hold_disabled",
     "record_attempt",
@@ -58,6 +60,7 @@ class SkipReason(StrEnum):
     SUBSCRIPTION_DELETED = "subscription deleted"
     SUBSCRIPTION_DISABLED = "subscription disabled"
     NOT_A_WEBHOOK = "not a webhook subscription with a URL and a secret"
+    OTHER_CHANNEL = "not a subscription of this channel"
     LEASED = "leased by another worker"
     NOT_DUE = "not due yet"
     RELEASED = "claimable again (released meanwhile)"
@@ -87,6 +90,23 @@ class DeliveryJob:
     schedule_attempt: int
     # Not before: the rate limit's slot for it, less than a second away.
     send_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelJob:
+    """One attempt at an email or task delivery, read in the claim's transaction."""
+
+    delivery_id: str
+    attempt: int
+    event_id: str
+    event_type: str
+    event_received_at: datetime
+    event_body: str
+    subscription_id: str
+    # The subscription's channel fields (schemas.email.EmailOptions, schemas.tasks.TaskOptions).
+    options: dict[str, Any]
+    retry_schedule: tuple[float, ...] | None
+    schedule_attempt: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,11 +220,69 @@ def claim(sessions: sessionmaker[Session], delivery_id: str, lease_s: float) -> 
     return jobs[0] if jobs else None
 
 
-def skip_reason(sessions: sessionmaker[Session], delivery_id: str) -> SkipReason:
-    """Why ``claim`` returned None (read after the fact, so a hint for the log and for cleanup)."""
+# Email and task deliveries are sent one per task, in the task's own thread: the claim also moves the
+# delivery to `sending`, so that the API shows which ones may be on the wire right now.
+_CLAIM_CHANNEL = (
+    update(_deliveries)
+    .where(
+        _deliveries.c.id == bindparam("p_id"),
+        _deliveries.c.status.in_(_OPEN),
+        or_(_deliveries.c.lease_until.is_(None), _deliveries.c.lease_until < bindparam("p_now")),
+        or_(_deliveries.c.next_attempt_at.is_(None), _deliveries.c.next_attempt_at <= bindparam("p_due_by")),
+        exists().where(
+            _subscriptions.c.id == _deliveries.c.subscription_id,
+            _subscriptions.c.enabled.is_(True),
+            _subscriptions.c.deleted_at.is_(None),
+            _subscriptions.c.channel == bindparam("p_channel"),
+        ),
+    )
+    .values(status=DeliveryStatus.SENDING.value, lease_until=bindparam("p_lease_until"),
+            attempts_count=_deliveries.c.attempts_count + 1, updated_at=bindparam("p_now"))
+    .returning(
+        _deliveries.c.id,
+        _deliveries.c.attempts_count,
+        _deliveries.c.attempts_base,
+        _deliveries.c.subscription_id,
+        _scalar(_events.c.id, _events.c.pk, _deliveries.c.event_pk, "event_id"),
+        *(_scalar(c, _events.c.pk, _deliveries.c.event_pk)
+          for c in (_events.c.type, _events.c.received_at, _events.c.body)),
+        *(_scalar(c, _subscriptions.c.id, _deliveries.c.subscription_id)
+          for c in (_subscriptions.c.options, _subscriptions.c.retry_schedule)),
+    )
+)
+
+
+def claim_channel(sessions: sessionmaker[Session], delivery_id: str, channel: Channel,
+                  lease_s: float) -> ChannelJob | None:
+    """Take an email or task delivery for one attempt: the job, or None if it is not ours to send now.
+
+    As ``claim_many``, the conditional UPDATE is the lock (of two workers holding the same delivery,
+    exactly one gets the row back); it also sets the delivery ``sending`` under a lease of ``lease_s``.
+    """
+    with translate_errors("claiming a delivery"), sessions.begin() as session:
+        now = utcnow()
+        row = session.connection().execute(_CLAIM_CHANNEL, {
+            "p_id": delivery_id, "p_now": now, "p_due_by": now + _DUE_SLACK, "p_channel": channel.value,
+            "p_lease_until": now + timedelta(seconds=lease_s),
+        }).first()
+    if row is None:
+        return None
+    return ChannelJob(
+        delivery_id=row.id, attempt=row.attempts_count, event_id=row.event_id, event_type=row.type,
+        event_received_at=row.received_at, event_body=row.body, subscription_id=row.subscription_id,
+        options=dict(row.options or {}), retry_schedule=tuple(row.retry_schedule) if row.retry_schedule else None,
+        schedule_attempt=row.attempts_count - row.attempts_base,
+    )
+
+
+def skip_reason(sessions: sessionmaker[Session], delivery_id: str,
+                channel: Channel = Channel.WEBHOOK) -> SkipReason:
+    """Why a claim of this channel returned nothing (read after the fact, so a hint for the log and for cleanup)."""
+    of_channel = (_webhook_subscription if channel is Channel.WEBHOOK
+                  else _subscriptions.c.channel == channel.value)
     query = (
         select(_deliveries.c.status, _deliveries.c.lease_until, _deliveries.c.next_attempt_at,
-               _subscriptions.c.enabled, _subscriptions.c.deleted_at, _webhook_subscription.label("webhook"))
+               _subscriptions.c.enabled, _subscriptions.c.deleted_at, of_channel.label("of_channel"))
         .join(_subscriptions, _subscriptions.c.id == _deliveries.c.subscription_id)
         .where(_deliveries.c.id == delivery_id)
     )
@@ -220,8 +298,8 @@ def skip_reason(sessions: sessionmaker[Session], delivery_id: str) -> SkipReason
         return SkipReason.SUBSCRIPTION_DELETED
     if not row.enabled:
         return SkipReason.SUBSCRIPTION_DISABLED
-    if not row.webhook:
-        return SkipReason.NOT_A_WEBHOOK
+    if not row.of_channel:
+        return SkipReason.NOT_A_WEBHOOK if channel is Channel.WEBHOOK else SkipReason.OTHER_CHANNEL
     if row.lease_until is not None and row.lease_until >= now:
         return SkipReason.LEASED
     if row.next_attempt_at is not None and row.next_attempt_at > now + _DUE_SLACK:
@@ -248,7 +326,7 @@ _SETTLE = (
 class Outcome:
     """One attempt's result and where it leaves the delivery."""
 
-    job: DeliveryJob
+    job: DeliveryJob | ChannelJob
     record: AttemptRecord
     status: DeliveryStatus
     next_attempt_at: datetime | None = None
@@ -316,7 +394,7 @@ def release_held(sessions: sessionmaker[Session], subscription_id: str, limit: i
         return endpoints.take_held(session.connection(), subscription_id, limit, utcnow())
 
 
-def record_attempt(sessions: sessionmaker[Session], job: DeliveryJob, record: AttemptRecord,
+def record_attempt(sessions: sessionmaker[Session], job: DeliveryJob | ChannelJob, record: AttemptRecord,
                    status: DeliveryStatus, *, next_attempt_at: datetime | None = None) -> bool:
     """``record_attempts`` for one attempt."""
     return record_attempts(sessions, [Outcome(job, record, status, next_attempt_at)]).current[0]

@@ -11,13 +11,20 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.store.database import utcnow
+from consumers.store.errors import translate_errors
 from consumers.store.models import Delivery, Event, Subscription
 from consumers.topics import topic_matches
 from schemas.deliveries import DeliveryStatus
 from schemas.events import CloudEvent
 from schemas.ids import new_id
 
-__all__ = ["ActiveSubscription", "PendingDelivery", "load_active_subscriptions", "persist_events"]
+__all__ = [
+    "ActiveSubscription",
+    "PendingDelivery",
+    "load_active_subscriptions",
+    "pending_deliveries",
+    "persist_events",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,21 @@ def load_active_subscriptions(sessions: sessionmaker[Session]) -> list[ActiveSub
             )
         ).all()
     return [ActiveSubscription(r.id, r.channel, tuple(r.event_types), r.options or {}) for r in rows]
+
+
+def pending_deliveries(sessions: sessionmaker[Session], delivery_ids: Sequence[str]) -> list[PendingDelivery]:
+    """These deliveries as the router would enqueue them (with their event and subscription), to enqueue again."""
+    with translate_errors("reading deliveries to enqueue"), sessions() as session:
+        rows = session.execute(
+            select(Delivery.id, Event.id.label("event_id"), Subscription.id.label("subscription_id"),
+                   Subscription.channel, Subscription.event_types, Subscription.options)
+            .join(Event, Event.pk == Delivery.event_pk)
+            .join(Subscription, Subscription.id == Delivery.subscription_id)
+            .where(Delivery.id.in_(list(delivery_ids)))
+        ).all()
+    return [PendingDelivery(r.id, r.event_id, ActiveSubscription(r.subscription_id, r.channel, tuple(r.event_types),
+                                                                 r.options or {}))
+            for r in rows]
 
 
 def _insert_ignoring_duplicates(engine: Engine) -> Insert:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import orjson
 from sqlalchemy import select, text
@@ -12,7 +13,7 @@ from consumers.store.errors import translate_errors
 from consumers.store.models import Attempt, Delivery, Event
 from schemas.deliveries import AttemptOut, DeliveryFilter, DeliveryOut, DeliveryStatus, EventDeliveries
 
-__all__ = ["AmbiguousEventError", "find_event", "get_delivery", "list_deliveries", "ping"]
+__all__ = ["AmbiguousEventError", "delivery_event", "find_event", "get_delivery", "list_deliveries", "ping"]
 
 # How many sources an ambiguous answer lists.
 _MAX_SOURCES_SHOWN = 10
@@ -25,6 +26,15 @@ class AmbiguousEventError(LookupError):
         super().__init__(f"{len(sources)} or more events have the id {event_id!r}")
         self.event_id = event_id
         self.sources = sources
+
+
+def delivery_event(sessions: sessionmaker[Session], delivery_id: str) -> dict[str, Any] | None:
+    """The structured CloudEvent a delivery carries, or None if there is no such delivery."""
+    with translate_errors("reading a delivery's event"), sessions() as session:
+        body = session.execute(
+            select(Event.body).join(Delivery, Delivery.event_pk == Event.pk).where(Delivery.id == delivery_id)
+        ).scalar_one_or_none()
+    return None if body is None else orjson.loads(body)
 
 
 def find_event(sessions: sessionmaker[Session], event_id: str, *, source: str | None = None) -> EventDeliveries | None:

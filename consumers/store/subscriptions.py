@@ -15,12 +15,14 @@ from consumers.store.models import Delivery, EndpointHealth, Subscription
 from schemas.deliveries import OPEN_STATUSES, DeliveryStatus
 from schemas.ids import new_id
 from schemas.subscriptions import (
+    CHANNEL_FIELDS,
     Channel,
     PayloadFormat,
     SubscriptionCreate,
     SubscriptionOut,
     SubscriptionSecret,
     SubscriptionUpdate,
+    channel_options,
 )
 
 __all__ = [
@@ -126,12 +128,25 @@ def get_subscription(
 def update_subscription(
     sessions: sessionmaker[Session], subscription_id: str, changes: SubscriptionUpdate
 ) -> SubscriptionOut | None:
-    """Apply the fields present in ``changes``; None if there is no such live subscription."""
-    fields = changes.model_dump(exclude_unset=True)
+    """Apply the fields present in ``changes``; None if there is no such live subscription.
+
+    Channel fields are merged into ``options`` and checked against the subscription's channel: a
+    pydantic ``ValidationError`` if they do not fit it, and nothing is changed.
+    """
+    channel_changes = changes.channel_changes()
+    fields = {name: value for name, value in changes.model_dump(exclude_unset=True).items()
+              if name not in CHANNEL_FIELDS}
     with translate_errors("updating a subscription"), sessions.begin() as session:
         row = _live(session, subscription_id)
         if row is None:
             return None
+        if channel_changes:
+            # Checked against the stored channel in this transaction (pydantic's ValidationError rolls it back);
+            # a null (reply_to) removes the field.
+            merged = {name: value for name, value in {**(row.options or {}), **channel_changes}.items()
+                      if value is not None}
+            row.options = channel_options(Channel(row.channel), merged)
+            row.updated_at = utcnow()
         if fields:
             for name, value in fields.items():
                 setattr(row, name, value)

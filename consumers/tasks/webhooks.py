@@ -48,8 +48,6 @@ __all__ = ["USER_AGENT", "deliver_webhook", "deliver_webhooks", "recheck_webhook
 logger = structlog.get_logger(__name__)
 
 USER_AGENT = f"hookgate/{version('hookgate')}"
-# The lease must outlive the hard time limit, so no second worker sends while a child may still be sending.
-_LEASE_MARGIN_S = 30
 _STORE_RETRY_S = 5
 # Attempts the recorder writes in one transaction at most, and how often it tries before giving up.
 _RECORD_BATCH = 256
@@ -173,7 +171,7 @@ def _process_resources(app: Celery) -> _ProcessResources:
         engine = make_engine(settings.database_url)
         _resources = _ProcessResources(
             pid=os.getpid(), app=app, settings=settings,
-            policy=EndpointPolicy.from_settings(settings, settings.task_time_limit_s + _LEASE_MARGIN_S),
+            policy=EndpointPolicy.from_settings(settings, settings.task_time_limit_s + settings.lease_margin_s),
             engine=engine, sessions=make_sessionmaker(engine),
             pool=ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="webhook-send"),
             slots=threading.BoundedSemaphore(settings.webhook_concurrency), finished=queue.SimpleQueue(),

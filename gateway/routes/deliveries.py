@@ -9,9 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from consumers.channels import delivery_task_messages
+from consumers.channels import TaskQueues, delivery_task_messages
 from consumers.publisher import PublishError
 from consumers.store import replay
+from consumers.store.ingest import pending_deliveries
 from consumers.store.queries import get_delivery, list_deliveries
 from consumers.store.subscriptions import get_subscription
 from gateway.auth import authenticate
@@ -26,12 +27,14 @@ __all__ = ["enqueue_deliveries", "routes"]
 log = structlog.get_logger(__name__)
 
 
-async def enqueue_deliveries(request: Request, channel: str, delivery_ids: list[str]) -> None:
-    """Publish the channel's tasks for deliveries already made pending in the store; 503 if not confirmed."""
+async def enqueue_deliveries(request: Request, delivery_ids: list[str]) -> None:
+    """Publish the tasks for deliveries already made pending in the store, on their routes; 503 if not confirmed."""
     settings: Settings = request.app.state.settings
-    messages = delivery_task_messages(request.app.state.celery, channel, delivery_ids, settings.webhook_batch_size)
+    pending = await asyncio.to_thread(pending_deliveries, request.app.state.read_sessions, delivery_ids)
+    messages = delivery_task_messages(request.app.state.celery, pending, settings.webhook_batch_size)
+    queues: TaskQueues = request.app.state.task_queues
     try:
-        await request.app.state.publisher.publish(messages)
+        await queues.publish(request.app.state.publisher, messages)
     except PublishError as exc:
         # The deliveries are pending in the store already; the stuck-delivery sweep sends them later.
         raise Problem(503, f"the broker did not take the retry: {exc}; it will be sent later",
@@ -67,7 +70,7 @@ async def delivery_retry(request: Request) -> Response:
         raise Problem(404, f"there is no delivery {delivery_id!r}")
     if isinstance(outcome, replay.RetryRefusal):
         raise Problem(409, f"delivery {delivery_id!r} cannot be retried: {outcome}")
-    await enqueue_deliveries(request, outcome.channel, [delivery_id])
+    await enqueue_deliveries(request, [delivery_id])
     log.info("delivery_retry_requested", delivery_id=delivery_id, key_id=principal.key_id)
     return await _delivery_response(request, delivery_id, 202)
 
@@ -85,7 +88,7 @@ async def subscription_recover(request: Request) -> Response:
     chunks = replay.recover_dead(request.app.state.sessions, subscription_id, body.since)
     recovered = 0
     while (ids := await asyncio.to_thread(next, chunks, None)) is not None:
-        await enqueue_deliveries(request, subscription.channel.value, ids)
+        await enqueue_deliveries(request, ids)
         recovered += len(ids)
     log.info("subscription_recovered", subscription_id=subscription_id, key_id=principal.key_id, recovered=recovered)
     return model_response(RecoverResult(recovered=recovered), 202)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,7 +16,7 @@ from consumers.store import deliveries
 from consumers.store import subscriptions as store
 from gateway.auth import authenticate
 from gateway.problems import Problem
-from gateway.routes._json import model_response, read_model, validated
+from gateway.routes._json import field_errors, model_response, read_model, validated
 from gateway.routes.deliveries import enqueue_deliveries
 from schemas.keys import Scope
 from schemas.settings import Settings
@@ -59,7 +59,13 @@ async def _release_held(request: Request, subscription: SubscriptionOut) -> None
     """Send the deliveries that waited while the subscription was disabled or its endpoint paused."""
     sessions = request.app.state.sessions
     while released := await asyncio.to_thread(deliveries.release_held, sessions, subscription.id, _RELEASE_CHUNK):
-        await enqueue_deliveries(request, subscription.channel.value, released)
+        await enqueue_deliveries(request, released)
+
+
+def _unfit_channel_fields(exc: ValidationError) -> Problem:
+    errors = field_errors(exc)
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return Problem(422, f"the channel fields do not fit this subscription: {detail}", errors=errors)
 
 
 def _not_found(subscription_id: str) -> Problem:
@@ -113,9 +119,12 @@ class SubscriptionItem(HTTPEndpoint):
         changes = await read_model(request, SubscriptionUpdate)
         if changes.url is not None:
             await _check_url(request, changes.url)
-        updated = await asyncio.to_thread(
-            store.update_subscription, request.app.state.sessions, subscription_id, changes
-        )
+        try:
+            updated = await asyncio.to_thread(
+                store.update_subscription, request.app.state.sessions, subscription_id, changes
+            )
+        except ValidationError as exc:
+            raise _unfit_channel_fields(exc) from exc
         if updated is None:
             raise _not_found(subscription_id)
         if changes.enabled:
