@@ -20,7 +20,7 @@ from schemas.ids import new_id
 from schemas.subscriptions import Channel
 
 __all__ = ["EMAIL_ROUTE", "WEBHOOK_ROUTE", "TaskQueues", "TaskRoute", "delivery_task_messages", "route_of",
-           "task_queues"]
+           "task_calls", "task_queues"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,23 +54,26 @@ def task_queues() -> tuple[str, ...]:
     return topology.BUILTIN_TASK_QUEUES
 
 
-def delivery_task_messages(celery: Celery, pending: Sequence[PendingDelivery],
-                           batch_size: int) -> list[OutgoingMessage]:
-    """The task messages for these deliveries, grouped by (task, queue); batched tasks take ``batch_size`` each."""
+def task_calls(pending: Sequence[PendingDelivery], batch_size: int) -> list[tuple[TaskRoute, tuple[object, ...]]]:
+    """The task calls that send these deliveries, grouped by (task, queue); batched tasks take ``batch_size`` each."""
     by_route: dict[TaskRoute, list[PendingDelivery]] = {}
     for delivery in pending:
         by_route.setdefault(route_of(delivery.subscription), []).append(delivery)
-    messages: list[OutgoingMessage] = []
+    calls: list[tuple[TaskRoute, tuple[object, ...]]] = []
     for route, group in by_route.items():
         if route.batched:
             ids = [d.delivery_id for d in group]
-            messages.extend(_task_message(celery, route, (ids[start:start + batch_size],))
-                            for start in range(0, len(ids), batch_size))
+            calls.extend((route, (ids[start:start + batch_size],)) for start in range(0, len(ids), batch_size))
         else:
-            messages.extend(_task_message(celery, route, (d.event_id, d.delivery_id) if route.with_event_id
-                                          else (d.delivery_id,))
-                            for d in group)
-    return messages
+            calls.extend((route, (d.event_id, d.delivery_id) if route.with_event_id else (d.delivery_id,))
+                         for d in group)
+    return calls
+
+
+def delivery_task_messages(celery: Celery, pending: Sequence[PendingDelivery],
+                           batch_size: int) -> list[OutgoingMessage]:
+    """The task messages of ``task_calls``, for a ``ConfirmingPublisher``."""
+    return [_task_message(celery, route, args) for route, args in task_calls(pending, batch_size)]
 
 
 def _task_message(celery: Celery, route: TaskRoute, args: tuple[object, ...]) -> OutgoingMessage:

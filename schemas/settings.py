@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     # Events (with their deliveries and attempts) cleanup removes per transaction.
     cleanup_batch_size: int = Field(default=500, ge=1)
     report_recipients: Annotated[tuple[str, ...], NoDecode] = ()
+    report_from: str = "hookgate@localhost"
     # How often a beat waiting for the lock tries again, and how often the holder checks it still has it.
     beat_lock_poll_s: float = Field(default=5.0, gt=0)
 

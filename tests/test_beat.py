@@ -28,6 +28,7 @@ from tests.beats import drain_task_messages, running_beat
 from tests.history import add_event, add_past_delivery
 from tests.receiver import make_secret
 from tests.seeding import add_subscription
+from tests.smtpserver import SmtpSink
 from tests.workers import REPO_ROOT, Worker, settings_env, wait_until
 
 SWEEP, CLEANUP = "tasks.sweep_stuck_deliveries", "tasks.cleanup_old_data"
@@ -114,10 +115,13 @@ def engine(beat_settings: Settings) -> Iterator[Engine]:
 def test_beat_runs_cleanup_and_the_report_on_a_heavy_worker(beat_settings: Settings, engine: Engine,
                                                             tmp_path: Path) -> None:
     """Scheduled every second, cleanup run by a real worker removes exactly the events past retention, and the
-    weekly report task succeeds with its result in the store's result backend."""
+    weekly report task emails the report (text body, CSV attachment) and keeps its result in the store."""
+    smtp = SmtpSink()
     settings = beat_settings.model_copy(update={"cleanup_schedule": "1", "report_schedule": "1",
                                                 "sweep_schedule": "", "state_dir": tmp_path,
-                                                "report_recipients": ("ops@example.com",)})
+                                                "report_recipients": ("ops@example.com",),
+                                                "report_from": "reports@hookgate.example",
+                                                "smtp_host": "127.0.0.1", "smtp_port": smtp.port})
     sessions: sessionmaker[Session] = make_sessionmaker(engine)
     subscription_id = add_subscription(sessions, "https://example.com/hook", make_secret())
     now = utcnow()
@@ -131,14 +135,22 @@ def test_beat_runs_cleanup_and_the_report_on_a_heavy_worker(beat_settings: Setti
         with sessions() as session:
             return set(session.execute(select(Event.pk)).scalars())
 
-    with Worker(settings, tmp_path / "heavy.log", queues=[topology.HEAVY_QUEUE]) as worker, \
+    with smtp, Worker(settings, tmp_path / "heavy.log", queues=[topology.HEAVY_QUEUE]) as worker, \
             running_beat(settings, tmp_path / "beat.log"):
         wait_until(lambda: events() == set(kept), "cleanup to remove the expired events", timeout_s=20)
         wait_until(lambda: "weekly_report_ready" in worker.log_text(), "a weekly report", timeout_s=20)
+        mail = smtp.wait_for(1)[0]
     results = _task_results(engine, "tasks.generate_weekly_report")
     assert results, worker.log_text()
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    assert results[0]["report_id"] == f"hookgate-weekly-{day - timedelta(days=7):%Y%m%d}-{day:%Y%m%d}"
+    report_id = f"hookgate-weekly-{day - timedelta(days=7):%Y%m%d}-{day:%Y%m%d}"
+    assert results[0]["report_id"] == report_id
+    assert (mail.mail_from, mail.rcpt_tos) == ("reports@hookgate.example", ["ops@example.com"])
+    assert mail.message["Message-ID"] == f"<{report_id}@hookgate.example>"
+    assert subscription_id in mail.message.get_body(("plain",)).get_content()
+    [attachment] = mail.message.iter_attachments()
+    assert attachment.get_filename() == "weekly-report.csv"
+    assert subscription_id in attachment.get_content()
     assert (results[0]["subscriptions"], results[0]["recipients"]) == (1, 1)
     assert all(r["done"] for r in _task_results(engine, CLEANUP))
 

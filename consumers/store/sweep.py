@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
@@ -19,13 +17,13 @@ __all__ = ["take_stuck"]
 _OPEN = [status.value for status in OPEN_STATUSES]
 
 
-def take_stuck(sessions: sessionmaker[Session], stuck_after_s: float, limit: int,
-               channels: Iterable[str]) -> dict[str, list[str]]:
-    """Mark up to ``limit`` stranded deliveries as looked at, and return their ids by channel to enqueue.
+def take_stuck(sessions: sessionmaker[Session], stuck_after_s: float, limit: int) -> list[str]:
+    """Mark up to ``limit`` stranded deliveries as looked at, and return their ids (sorted) to enqueue.
 
     Stranded: open, untouched (``updated_at``) and due (``next_attempt_at``) for ``stuck_after_s``,
-    not leased (a send in flight is never taken), not held by its endpoint (a release sends those), of
-    a live subscription whose channel has a task. A crash between the router's commit and its publish,
+    not leased (a send in flight is never taken; an email left ``sending`` by a task killed at its
+    hard limit is taken once its lease is over), not held by its endpoint (a release sends those), of
+    a live subscription. A crash between the router's commit and its publish,
     or a 503 from the broker on retry or recover, leaves exactly such rows. Taking one sets its
     ``updated_at``, so the next sweep leaves it alone for another ``stuck_after_s`` while its task
     waits in the queue; and should the task meet a send after all, the claim's lease makes it a no-op.
@@ -42,7 +40,6 @@ def take_stuck(sessions: sessionmaker[Session], stuck_after_s: float, limit: int
             or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
             Delivery.held_since.is_(None),
             Subscription.deleted_at.is_(None),
-            Subscription.channel.in_(list(channels)),
         )
         .order_by(Delivery.updated_at)
         .limit(limit)
@@ -50,20 +47,12 @@ def take_stuck(sessions: sessionmaker[Session], stuck_after_s: float, limit: int
     with translate_errors("sweeping stuck deliveries"), sessions.begin() as session:
         ids = list(session.execute(candidates).scalars())
         if not ids:
-            return {}
+            return []
         # The conditions again: a worker may have claimed one since (PostgreSQL reads without the lock).
-        taken = session.execute(
+        return sorted(session.execute(
             update(Delivery)
             .where(Delivery.id.in_(ids), Delivery.status.in_(_OPEN), Delivery.updated_at < cutoff,
                    Delivery.held_since.is_(None), or_(Delivery.lease_until.is_(None), Delivery.lease_until < now))
             .values(updated_at=now)
-            .returning(Delivery.id, Delivery.subscription_id)
-        ).all()
-        channel_of = dict(session.execute(
-            select(Subscription.id, Subscription.channel)
-            .where(Subscription.id.in_({row.subscription_id for row in taken}))
-        ).all())
-    by_channel: defaultdict[str, list[str]] = defaultdict(list)
-    for row in sorted(taken):
-        by_channel[channel_of[row.subscription_id]].append(row.id)
-    return dict(by_channel)
+            .returning(Delivery.id)
+        ).scalars())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import datetime, timedelta
+from email.message import EmailMessage
 
 import structlog
 from celery import Celery, Task
@@ -12,9 +13,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import celery_app
-from consumers.channels import CHANNEL_TASKS
+from consumers.channels import task_calls
+from consumers.smtp import SmtpPermanentError, SmtpTransientError, send_message
 from consumers.store.database import make_engine, make_sessionmaker, utcnow
 from consumers.store.errors import StoreError
+from consumers.store.ingest import pending_deliveries
 from consumers.store.reports import weekly_report
 from consumers.store.retention import remove_expired
 from consumers.store.sweep import take_stuck
@@ -51,27 +54,25 @@ def _sessions(app: Celery) -> sessionmaker[Session]:
 
 @celery_app.task(name="tasks.sweep_stuck_deliveries", bind=True, acks_late=True, ignore_result=True,
                  track_started=False, **_SWEEP_LIMITS)
-def sweep_stuck_deliveries(self: Task) -> dict[str, int]:
-    """Enqueue again the open deliveries nothing will send (``consumers.store.sweep``), per channel's task.
+def sweep_stuck_deliveries(self: Task) -> int:
+    """Enqueue again the open deliveries nothing will send (``consumers.store.sweep``), each on its channel's task.
 
     Idempotent: a delivery's claim lets one send through however many tasks name it. A store that is
     down is not retried: the next sweep is the retry.
     """
     settings: Settings = self.app.conf.hookgate_settings
     try:
-        taken = take_stuck(_sessions(self.app), settings.sweep_stuck_after_s, settings.sweep_batch_size,
-                           CHANNEL_TASKS)
+        taken = take_stuck(_sessions(self.app), settings.sweep_stuck_after_s, settings.sweep_batch_size)
+        pending = pending_deliveries(_sessions(self.app), taken) if taken else []
     except StoreError as exc:
         logger.warning("stuck_delivery_sweep_failed", error=str(exc))
-        return {}
-    for channel, delivery_ids in taken.items():
-        task_name, queue = CHANNEL_TASKS[channel]
-        for start in range(0, len(delivery_ids), settings.webhook_batch_size):
-            self.app.send_task(task_name, args=(delivery_ids[start:start + settings.webhook_batch_size],),
-                               queue=queue, ignore_result=True)
-        logger.warning("stuck_deliveries_enqueued", channel=channel, deliveries=len(delivery_ids),
-                       delivery_ids=delivery_ids[:20])
-    return {channel: len(ids) for channel, ids in taken.items()}
+        return 0
+    for route, args in task_calls(pending, settings.webhook_batch_size):
+        # A custom route's queue is declared on the way (Celery creates missing queues like ours).
+        self.app.send_task(route.task, args=args, queue=route.queue, ignore_result=not route.with_event_id)
+    if taken:
+        logger.warning("stuck_deliveries_enqueued", deliveries=len(taken), delivery_ids=taken[:20])
+    return len(taken)
 
 
 @celery_app.task(name="tasks.cleanup_old_data", bind=True, acks_late=True, max_retries=_STORE_RETRIES,
@@ -119,20 +120,34 @@ def generate_weekly_report(self: Task, period_end: str | None = None) -> dict[st
         logger.warning("weekly_report_postponed", error=str(exc))
         raise self.retry(countdown=_STORE_RETRY_S, exc=exc) from exc
     structlog.contextvars.bind_contextvars(report_id=report.report_id)
-    hand_over_report(report, settings.report_recipients)
+    try:
+        hand_over_report(report, settings)
+    except SmtpTransientError as exc:
+        logger.warning("weekly_report_not_sent_yet", error=str(exc))
+        raise self.retry(countdown=_STORE_RETRY_S, exc=exc) from exc
+    except SmtpPermanentError as exc:
+        # Sending it again would meet the same refusal; the line says why.
+        logger.error("weekly_report_refused", error=str(exc), code=exc.code)
     return {"report_id": report.report_id, "period_start": report.period_start.isoformat(),
             "period_end": report.period_end.isoformat(), "subscriptions": len(report.rows),
             "recipients": len(settings.report_recipients)}
 
 
-def hand_over_report(report: WeeklyReport, recipients: tuple[str, ...]) -> None:
-    """Where the rendered report leaves hookgate: to be emailed to ``HOOKGATE_REPORT_RECIPIENTS``.
+def hand_over_report(report: WeeklyReport, settings: Settings) -> None:
+    """Email the report to ``HOOKGATE_REPORT_RECIPIENTS`` through the email channel's SMTP servers.
 
-    NOT WIRED YET: the email channel is built on another branch. Once it is merged, this sends
-    ``report.title`` as the subject, ``report.to_text()`` as the body and ``report.to_csv()`` as the
-    attachment ``weekly-report.csv`` through it, with ``report.report_id`` as the mail's idempotency
-    key. Until then it logs that the report is ready.
+    The text table is the body and the CSV an attachment. The ``Message-ID`` comes from the report's
+    id, so a redelivered task sends the same message again, which mail systems and readers can tell.
     """
     text, table = report.to_text(), report.to_csv()
-    logger.info("weekly_report_ready", report_id=report.report_id, subscriptions=len(report.rows),
-                recipients=len(recipients), text_bytes=len(text), csv_bytes=len(table))
+    if settings.report_recipients:
+        message = EmailMessage()
+        message["Subject"] = report.title
+        message["From"] = settings.report_from
+        message["To"] = ", ".join(settings.report_recipients)
+        message["Message-ID"] = f"<{report.report_id}@{settings.report_from.rpartition('@')[2]}>"
+        message.set_content(text)
+        message.add_attachment(table.encode(), maintype="text", subtype="csv", filename="weekly-report.csv")
+        send_message(message, settings)
+    logger.info("weekly_report_ready", subscriptions=len(report.rows), recipients=len(settings.report_recipients),
+                text_bytes=len(text), csv_bytes=len(table))
