@@ -17,7 +17,6 @@ from kombu import Connection
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from consumers.beat import LOCK_CONNECTION_NAME
 from consumers.store.database import make_engine, make_sessionmaker, utcnow
 from consumers.store.models import BeatRun, Event
 from consumers.topology import declare_topology, task_queue
@@ -199,21 +198,16 @@ def _answer(stdout: str) -> dict[str, object]:
 
 
 def _close_lock_connections(vhost: str) -> int:
-    """Have RabbitMQ close the held beat lock connections on ``vhost`` (as a broker restart or a partition would).
-
-    Held: open for more than a second, unlike a waiting beat's attempts, which last milliseconds.
-    """
-    listing = subprocess.run(["rabbitmqctl", "list_connections", "vhost", "pid", "connected_at", "client_properties"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    closed = 0
-    for line in listing.splitlines():
-        fields = line.split("\t")
-        if (len(fields) == 4 and fields[0] == vhost and f'"{LOCK_CONNECTION_NAME}"' in fields[3]
-                and time.time() * 1000 - int(fields[2]) > 1000):
-            subprocess.run(["rabbitmqctl", "close_connection", fields[1], "test closes the beat lock"],
-                           capture_output=True, timeout=30, check=True)
-            closed += 1
-    return closed
+    """Have RabbitMQ close the connection holding the beat lock on ``vhost`` (as a broker restart or a partition
+    would): the exclusive queue's owner, so a waiting beat's attempt at that moment is never taken for it."""
+    listing = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "-p", vhost, "name",
+                              "owner_pid"], capture_output=True, text=True, timeout=30, check=True).stdout
+    owners = [fields[1] for fields in (line.split("\t") for line in listing.splitlines())
+              if len(fields) == 2 and fields[0] == topology.BEAT_LOCK_QUEUE]
+    for owner in owners:
+        subprocess.run(["rabbitmqctl", "close_connection", owner, "test closes the beat lock"],
+                       capture_output=True, timeout=30, check=True)
+    return len(owners)
 
 
 def test_a_beat_whose_lock_connection_is_closed_stops_and_one_beat_carries_on(
