@@ -46,8 +46,10 @@ def test_the_sweep_takes_only_stranded_deliveries(sessions: sessionmaker[Session
 
     stranded = delivery(DeliveryStatus.PENDING)
     overdue_retry = delivery(DeliveryStatus.RETRYING, next_attempt_at=old)
-    expected = {stranded, overdue_retry}
+    killed_mid_send = delivery(DeliveryStatus.SENDING, lease_until=old)  # its task killed at the hard limit
+    expected = {stranded, overdue_retry, killed_mid_send}
     delivery(DeliveryStatus.PENDING, lease_until=now + timedelta(minutes=1))  # in flight
+    delivery(DeliveryStatus.SENDING, lease_until=now + timedelta(minutes=1))  # an email being sent
     delivery(DeliveryStatus.PENDING, held_since=old)  # held by its endpoint; the release sends it
     delivery(DeliveryStatus.RETRYING, next_attempt_at=now + timedelta(minutes=5))  # waiting in the broker
     delivery(DeliveryStatus.RETRYING, next_attempt_at=recent)  # due, but only just
