@@ -284,8 +284,10 @@ def check_drained(stack: Stack, load: Load, case: str, timeout_s: float = 90.0) 
                     select(func.count()).select_from(Delivery).where(Delivery.status.in_(list(OPEN_STATUSES)))
                 ).scalar_one()
 
-        # The receivers answered; the workers record the outcome just after.
-        wait_until(store_settled, "no open delivery left in the store", timeout_s=30, interval_s=0.1)
+        # The receivers answered; the workers record the outcome just after. A killed worker's sends that
+        # reached a receiver but were never recorded are sent again once their lease has run out.
+        lease_s = stack.settings.task_time_limit_s + stack.settings.lease_margin_s
+        wait_until(store_settled, "no open delivery left in the store", timeout_s=lease_s + 30, interval_s=0.1)
         with sessions() as session:
             stored_events = set(session.execute(select(Event.id).where(Event.source != HOOKGATE_SOURCE)).scalars())
             statuses = Counter(session.execute(

@@ -24,9 +24,10 @@ def _requests(stack: Stack, name: str) -> int:
 
 def test_a_webhook_worker_killed_mid_load_loses_nothing(broker_url: str, sqlite_url: str, tmp_path: Path) -> None:
     """A webhook worker SIGKILLed (pool and all) while it sends, then restarted: every accepted event arrives."""
-    # The deliveries the killed worker held stay leased for the hard time limit plus 30 s: keep the limit
-    # short, but not so short that the restarted worker's first (cold) task runs out of time.
-    settings = reliability_settings(broker_url, sqlite_url, task_soft_time_limit_s=6, task_time_limit_s=8)
+    # The deliveries the killed worker held stay leased for the hard time limit plus the lease margin: keep
+    # the limit short, but not so short that the restarted worker's first (cold) task runs out of time.
+    settings = reliability_settings(broker_url, sqlite_url, task_soft_time_limit_s=6, task_time_limit_s=8,
+                                    lease_margin_s=5)
     with running_stack(settings, tmp_path) as stack:
         load = Load(stack, 1000, rate_per_s=300).start()
         wait_until(lambda: _requests(stack, "all") >= 200, "deliveries under way")
