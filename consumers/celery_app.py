@@ -14,7 +14,7 @@ from schemas.settings import Settings
 
 __all__ = ["celery_app", "make_celery"]
 
-TASK_MODULES = ["consumers.tasks.webhooks"]
+TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.heavy"]
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -33,8 +33,9 @@ def make_celery(settings: Settings) -> Celery:
         # By queue only: every queue is bound on hookgate.tasks by its own name, so the queue's routing
         # key is the one to use, also when a caller names another queue.
         task_routes={
-            name: {"queue": topology.WEBHOOKS_QUEUE}
-            for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks")
+            **{name: {"queue": topology.WEBHOOKS_QUEUE}
+               for name in ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks")},
+            **{name: {"queue": topology.HEAVY_QUEUE} for name in ("tasks.import_file", "tasks.build_report")},
         },
         task_serializer="json",
         accept_content=["json"],

@@ -11,7 +11,7 @@ TASKS_EXCHANGE = "hookgate.tasks"
 WEBHOOKS_QUEUE = "webhooks"
 EMAIL_QUEUE = "email"
 HEAVY_QUEUE = "heavy"
-BUILTIN_TASK_QUEUES = (WEBHOOKS_QUEUE,)
+BUILTIN_TASK_QUEUES = (WEBHOOKS_QUEUE, HEAVY_QUEUE)
 
 # Messages that keep crashing the router are dead-lettered by the broker after this many deliveries.
 INGEST_DELIVERY_LIMIT = 20
