@@ -8,22 +8,25 @@ import structlog
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
+from consumers.store.database import normalise_url
 from consumers.topology import task_queue, tasks_exchange
 from schemas import topology
 from schemas.settings import Settings
 
 __all__ = ["celery_app", "make_celery"]
 
+_DB_BACKEND = "db+"
 TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.heavy"]
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery(
-        "hookgate",
-        broker=settings.broker_url,
-        backend=settings.celery_result_backend,
-        include=TASK_MODULES,
-    )
+    backend = settings.celery_result_backend
+    if backend.startswith(_DB_BACKEND):
+        # Celery's SQLAlchemy backend on the store's database: the driver we ship, and SQLite's lock wait.
+        backend = _DB_BACKEND + normalise_url(backend.removeprefix(_DB_BACKEND))
+    app = Celery("hookgate", broker=settings.broker_url, backend=backend, include=TASK_MODULES)
+    if backend.startswith(_DB_BACKEND + "sqlite"):
+        app.conf.database_engine_options = {"connect_args": {"timeout": 30}}
     app.conf.update(
         task_queues=[task_queue(q) for q in topology.BUILTIN_TASK_QUEUES],
         task_default_exchange=tasks_exchange.name,

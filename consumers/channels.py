@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from celery import Celery
@@ -12,7 +13,7 @@ from schemas import topology
 from schemas.ids import new_id
 from schemas.subscriptions import Channel
 
-__all__ = ["CHANNEL_TASKS", "delivery_task_messages", "task_queues"]
+__all__ = ["CHANNEL_TASKS", "delivery_task_messages", "task_message", "task_queues"]
 
 # Each task takes a list of delivery ids.
 CHANNEL_TASKS: dict[str, tuple[str, str]] = {
@@ -34,11 +35,16 @@ def delivery_task_messages(celery: Celery, channel: str, delivery_ids: Sequence[
 
 def _task_message(celery: Celery, channel: str, delivery_ids: list[str]) -> OutgoingMessage:
     name, queue = CHANNEL_TASKS[channel]
-    task_id = new_id()
-    # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send.
     # A delivery's outcome lives in the store: a stored Celery result per task would be a second
     # database write (the request's ignore_result overrides the task's own).
-    message = celery.amqp.as_task_v2(task_id, name, args=(delivery_ids,), ignore_result=True)
+    return task_message(celery, name, queue, [delivery_ids], new_id(), ignore_result=True)
+
+
+def task_message(celery: Celery, name: str, queue: str, args: list[Any], task_id: str, *,
+                 ignore_result: bool = False) -> OutgoingMessage:
+    """A Celery task message for the confirming publisher, to a queue on hookgate.tasks."""
+    # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send.
+    message = celery.amqp.as_task_v2(task_id, name, args=tuple(args), ignore_result=ignore_result)
     return OutgoingMessage(
         exchange=topology.TASKS_EXCHANGE,
         routing_key=queue,

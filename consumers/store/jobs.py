@@ -33,6 +33,7 @@ __all__ = [
     "JobSnapshot",
     "claim",
     "create_job",
+    "delete_job",
     "delete_jobs_before",
     "finish",
     "get_job",
@@ -130,6 +131,12 @@ def create_job(sessions: sessionmaker[Session], *, job_id: str, task_id: str, ki
             published=0, errors_count=0, rows=0, continuations=0, lost_runs=0, owner_key_id=owner_key_id,
             created_at=now, updated_at=now,
         ))
+
+
+def delete_job(sessions: sessionmaker[Session], job_id: str) -> None:
+    """Forget a job whose task was never sent."""
+    with translate_errors("deleting a job"), sessions.begin() as session:
+        session.execute(delete(Job).where(Job.id == job_id))
 
 
 def _snapshot(job: Job) -> JobSnapshot:
