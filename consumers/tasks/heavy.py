@@ -57,6 +57,10 @@ _TRANSIENT_RETRIES = 10
 _TRANSIENT_RETRY_S = 5
 # Batches published and not yet confirmed at once: the next batch is parsed while one is confirmed.
 _IN_FLIGHT = 2
+# Beyond the confirm timeout, what a publish may take to reach a publisher that is (re)connecting.
+_CONNECT_GRACE_S = 5.0
+# Past the soft limit by this much without its signal having been seen, a run hands over on its own.
+_SOFT_LIMIT_GRACE_S = 1.0
 _CSV_COLUMNS = frozenset({"type", "source", "id", "subject", "time", "data"})
 _HEAVY_TASK: dict[str, Any] = {
     "bind": True,
@@ -91,8 +95,12 @@ class _ProcessPublisher:
     def __post_init__(self) -> None:
         threading.Thread(target=self.loop.run_forever, name="heavy-publisher-loop", daemon=True).start()
 
-    def submit(self, messages: list[OutgoingMessage]) -> Future[None]:
-        """Publish; the future resolves once every message is confirmed (``PublishError`` otherwise)."""
+    def submit(self, messages: list[OutgoingMessage], confirmed: Future[None]) -> None:
+        """Publish; ``confirmed`` resolves once every message is confirmed (``PublishError`` otherwise).
+
+        The caller holds the future before the publish is scheduled, so a soft time limit striking in
+        between still leaves it something to wait on.
+        """
         if self.publisher is None:
             publisher = ConfirmingPublisher(
                 self.settings.broker_url, confirm_timeout_s=self.settings.publish_timeout_s,
@@ -103,13 +111,23 @@ class _ProcessPublisher:
                 asyncio.run_coroutine_threadsafe(publisher.close(), self.loop).result()
                 raise _Transient("no connection to the broker")
             self.publisher = publisher
-        return asyncio.run_coroutine_threadsafe(self.publisher.publish(messages), self.loop)
+        asyncio.run_coroutine_threadsafe(_publish_into(self.publisher, messages, confirmed), self.loop)
 
     def close(self) -> None:
         if self.publisher is not None:
             asyncio.run_coroutine_threadsafe(self.publisher.close(), self.loop).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.engine.dispose()
+
+
+async def _publish_into(publisher: ConfirmingPublisher, messages: list[OutgoingMessage],
+                        confirmed: Future[None]) -> None:
+    try:
+        await publisher.publish(messages)
+    except PublishError as exc:
+        confirmed.set_exception(exc)
+    else:
+        confirmed.set_result(None)
 
 
 _resources: _ProcessPublisher | None = None
@@ -239,7 +257,7 @@ class _Batch:
     messages: list[OutgoingMessage]
     errors: list[tuple[int, str]]
     after: Checkpoint
-    future: Future[None] | None = None
+    confirmed: Future[None] = field(default_factory=Future)
 
 
 def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator[_Batch]:
@@ -306,6 +324,7 @@ class _Run:
     job: JobSnapshot
     resources: _ProcessPublisher
     confirmed: Checkpoint
+    started_s: float = field(default_factory=time.monotonic)
     last_saved_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -329,20 +348,36 @@ class _Run:
 def _settle(run: _Run, in_flight: deque[_Batch], report: _ErrorReport) -> None:
     """Wait for the oldest batch's confirms, then count it as done; idempotent if interrupted."""
     batch = in_flight[0]
-    assert batch.future is not None
+    settings = run.resources.settings
     try:
-        batch.future.result()
-    except PublishError as exc:
-        raise _Transient(f"the broker did not confirm a batch: {exc}") from exc
+        # Within the publisher's own deadline; a batch never scheduled (the soft limit struck first) times out.
+        batch.confirmed.result(timeout=settings.publish_timeout_s + _CONNECT_GRACE_S)
+    except (PublishError, TimeoutError) as exc:
+        raise _Transient(f"the broker did not confirm a batch: {exc or 'timeout'}") from exc
     run.confirmed = replace(batch.after, error_bytes=report.append(batch.errors))
     in_flight.popleft()
     run.save()
 
 
+def _soft_limit_struck(exc: BaseException | None) -> bool:
+    """Is this the soft time limit, raised as is or inside a library that wrapped it (SQLAlchemy does)?"""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, SoftTimeLimitExceeded):
+            return True
+        exc = exc.__cause__ or getattr(exc, "orig", None) or exc.__context__
+        seen += 1
+    return False
+
+
 def _publish_all(run: _Run, handle: BinaryIO, report: _ErrorReport, in_flight: deque[_Batch]) -> None:
+    soft_limit_s = run.task.soft_time_limit or run.resources.settings.heavy_soft_time_limit_s
     for batch in _batches(run.job, handle, run.resources.settings):
-        batch.future = run.resources.submit(batch.messages)
+        if time.monotonic() - run.started_s > soft_limit_s + _SOFT_LIMIT_GRACE_S:
+            # The signal struck somewhere that swallowed it: hand over all the same, before the hard limit.
+            raise SoftTimeLimitExceeded("the soft time limit passed")
         in_flight.append(batch)
+        run.resources.submit(batch.messages, batch.confirmed)
         while len(in_flight) >= _IN_FLIGHT:
             _settle(run, in_flight, report)
     while in_flight:
@@ -406,7 +441,9 @@ def _import(run: _Run) -> dict[str, Any]:
         report = _ErrorReport(files, run.confirmed.error_bytes)
         with open(files.input, "rb") as handle:
             _publish_all(run, handle, report, in_flight)
-    except SoftTimeLimitExceeded:
+    except Exception as exc:
+        if not _soft_limit_struck(exc):
+            raise
         # What is in flight was published: wait for its confirms (the signal interrupted the wait, not the
         # publishing thread) so the checkpoint covers it, and nothing is published twice.
         try:
