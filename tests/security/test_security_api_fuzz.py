@@ -36,6 +36,12 @@ SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/deliveries"): Scope.EVENTS_READ,
     ("GET", "/v1/deliveries/{delivery_id}"): Scope.EVENTS_READ,
     ("POST", "/v1/deliveries/{delivery_id}/retry"): Scope.SUBSCRIPTIONS,
+    ("POST", "/v1/files"): Scope.EVENTS_WRITE,
+    ("GET", "/v1/jobs/{job_id}"): Scope.EVENTS_READ,
+    ("GET", "/v1/jobs/{job_id}/errors"): Scope.EVENTS_READ,
+    ("GET", "/v1/jobs/{job_id}/result"): Scope.EVENTS_READ,
+    ("GET", "/v1/tasks/{task_id}"): Scope.EVENTS_READ,
+    ("GET", "/v1/queues"): Scope.ADMIN,
 }
 _SUBSCRIPTION_PATHS = ("/v1/subscriptions",)
 _EXAMPLES = 25
