@@ -33,8 +33,14 @@ def _read(celery: Celery, task_id: str) -> TaskOut:
     info = meta.get("result")
     error = None
     if state in _ERROR_STATES:
-        error, info = (f"{info.get('exc_type')}: {info.get('exc_message')}" if isinstance(info, dict)
-                       else str(info) if info is not None else None), None
+        # The backend hands the exception back rebuilt (or its name and message, for types it cannot import).
+        if isinstance(info, BaseException):
+            error = f"{type(info).__name__}: {info}"
+        elif isinstance(info, dict):
+            error = f"{info.get('exc_type')}: {info.get('exc_message')}"
+        else:
+            error = None if info is None else str(info)
+        info = None
     return TaskOut(task_id=task_id, state=state, name=meta.get("name"), queue=meta.get("queue"), result=info,
                    error=error, date_done=meta.get("date_done"))
 
