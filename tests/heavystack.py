@@ -19,7 +19,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -66,7 +66,7 @@ def pool_children(pid: int) -> list[int]:
     return children
 
 
-async def upload(gw: Gateway, content: bytes | Iterable[bytes], file_format: str, *,
+async def upload(gw: Gateway, content: bytes | AsyncIterable[bytes], file_format: str, *,
                  headers: dict[str, str] | None = None) -> dict[str, Any]:
     """POST a file for import; returns the job from the 202."""
     response = await gw.client.post("/v1/files", params={"kind": "import", "format": file_format},

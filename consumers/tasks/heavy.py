@@ -57,6 +57,8 @@ _TRANSIENT_RETRIES = 10
 _TRANSIENT_RETRY_S = 5
 # Batches published and not yet confirmed at once: the next batch is parsed while one is confirmed.
 _IN_FLIGHT = 2
+# A batch also ends at this much input, so memory stays flat however long the lines are.
+_BATCH_MAX_BYTES = 1 << 20
 # Beyond the confirm timeout, what a publish may take to reach a publisher that is (re)connecting.
 _CONNECT_GRACE_S = 5.0
 # Past the soft limit by this much without its signal having been seen, a run hands over on its own.
@@ -268,6 +270,7 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
     messages: list[OutgoingMessage] = []
     errors: list[tuple[int, str]] = []
     published, refused = start.published, start.errors_count
+    batch_start = start.bytes_done
     record: _Record | None = None
     for record in read(handle, start.bytes_done, start.lines_done, settings.max_body_bytes):
         if record.fields is not None:
@@ -280,10 +283,10 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
                 messages.append(event_message(event))
         elif record.error is not None:
             errors.append((record.line, record.error))
-        if len(messages) + len(errors) >= settings.import_batch_lines:
+        if len(messages) + len(errors) >= settings.import_batch_lines or record.end - batch_start >= _BATCH_MAX_BYTES:
             published, refused = published + len(messages), refused + len(errors)
             yield _Batch(messages, errors, Checkpoint(record.end, record.line, 0, published, refused))
-            messages, errors = [], []
+            messages, errors, batch_start = [], [], record.end
     if record is not None and (messages or errors or record.end > start.bytes_done):
         published, refused = published + len(messages), refused + len(errors)
         yield _Batch(messages, errors, Checkpoint(record.end, record.line, 0, published, refused))
