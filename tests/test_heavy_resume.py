@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 from schemas.jobs import import_event_id
 from schemas.keys import Scope
 from schemas.settings import Settings
-from tests.heavystack import EventCounter, gateway, heavy_worker, ndjson_lines, upload, wait_for_job
+from tests.heavystack import EventCounter, gateway, heavy_worker, ndjson_lines, pool_children, upload, wait_for_job
 
 LINES = 20_000
 # Published two lines per confirm, these take several 2 s runs.
@@ -81,3 +83,29 @@ async def test_an_import_whose_worker_is_killed_resumes_from_its_checkpoint(
             # Only what went out after the last checkpoint went out again; a restart would repeat all it did.
             duplicates = sum(counts.values()) - LINES
             assert duplicates < running["progress"]["lines_done"], duplicates
+
+
+async def test_an_import_whose_pool_process_is_killed_is_retried_and_resumes(
+        broker_url: str, store_url: str, tmp_path: Path) -> None:
+    """SIGKILL of the pool process only: Celery retries the task (retry_on_worker_lost) and it resumes."""
+    settings = _settings(broker_url, store_url, tmp_path)
+    worker = heavy_worker(settings, tmp_path).start()
+    try:
+        with EventCounter(settings) as counter:
+            async with gateway(settings) as gw:
+                job = await upload(gw, b"".join(ndjson_lines(LINES)), "ndjson")
+                running = await wait_for_job(gw, job["id"], statuses=("running",))
+                while running["progress"]["lines_done"] < 2000:
+                    await asyncio.sleep(0.05)
+                    running = await wait_for_job(gw, job["id"], statuses=("running",))
+                (child,) = pool_children(worker.pid)
+                os.kill(child, signal.SIGKILL)
+                done = await wait_for_job(gw, job["id"], timeout_s=120)
+                assert done["status"] == "succeeded", done
+                assert done["counts"] == {"published": LINES, "errors": 0}
+                counts = counter.wait_for_ids({import_event_id(job["id"], n) for n in range(1, LINES + 1)})
+                assert counts[import_event_id(job["id"], 1)] == 1
+                assert sum(counts.values()) - LINES < running["progress"]["lines_done"]
+    finally:
+        worker.stop()
+    assert "WorkerLostError" in worker.log_text()

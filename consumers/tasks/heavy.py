@@ -69,7 +69,12 @@ _HEAVY_TASK: dict[str, Any] = {
     "acks_late": True,
     "reject_on_worker_lost": True,
     "retry_on_worker_lost": True,
+    # A run killed at the hard limit goes back to the queue rather than being acked as failed: the next run
+    # finds it lost and resumes from its checkpoint (bounded like any lost run).
+    "acks_on_timeout": False,
     "max_retries": _TRANSIENT_RETRIES,
+    # Also the delay of the retry Celery sends for a run whose pool process died (retry_on_worker_lost).
+    "default_retry_delay": _TRANSIENT_RETRY_S,
     "soft_time_limit": _SETTINGS.heavy_soft_time_limit_s,
     "time_limit": _SETTINGS.heavy_time_limit_s,
 }
