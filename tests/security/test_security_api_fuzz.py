@@ -68,7 +68,8 @@ def live_gateway(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         engine.dispose()
     port = free_port()
     # Targets must resolve: generated URLs name hosts that do not, so no subscription is ever live.
-    settings_ = Settings(broker_url=broker_url, database_url=database_url, port=port, log_format="json")
+    settings_ = Settings(broker_url=broker_url, database_url=database_url, port=port, log_format="json",
+                         files_dir=directory / "files")
     gateway = Hookgate(settings_, directory / "serve.log", "serve", "--port", str(port))
     gateway.start()
     try:
