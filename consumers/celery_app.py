@@ -10,27 +10,32 @@ from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun, worker_init
 
 from consumers.beat import beat_schedule
+from consumers.store.database import normalise_url
 from consumers.topology import declare_topology, task_queue, tasks_exchange
 from schemas import topology
 from schemas.settings import Settings
 
 __all__ = ["celery_app", "make_celery"]
 
-TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.email", "consumers.tasks.maintenance"]
+_DB_BACKEND = "db+"
+TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.email", "consumers.tasks.heavy",
+                "consumers.tasks.maintenance"]
 _WEBHOOK_TASKS = ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks",
                   # The sweep's work is to enqueue deliveries: it runs where webhooks are sent.
                   "tasks.sweep_stuck_deliveries")
-_HEAVY_TASKS = ("tasks.cleanup_old_data", "tasks.generate_weekly_report")
+_HEAVY_TASKS = ("tasks.import_file", "tasks.build_report", "tasks.cleanup_old_data", "tasks.generate_weekly_report")
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery(
-        "hookgate",
-        broker=settings.broker_url,
-        backend=settings.celery_result_backend,
-        # The user's task modules (HOOKGATE_TASK_MODULES) after ours: custom task routes' tasks.
-        include=[*TASK_MODULES, *settings.task_modules],
-    )
+    backend = settings.celery_result_backend
+    if backend.startswith(_DB_BACKEND):
+        # Celery's SQLAlchemy backend on the store's database: the driver we ship, and SQLite's lock wait.
+        backend = _DB_BACKEND + normalise_url(backend.removeprefix(_DB_BACKEND))
+    # The user's task modules (HOOKGATE_TASK_MODULES) after ours: custom task routes' tasks.
+    app = Celery("hookgate", broker=settings.broker_url, backend=backend,
+                 include=[*TASK_MODULES, *settings.task_modules])
+    if backend.startswith(_DB_BACKEND + "sqlite"):
+        app.conf.database_engine_options = {"connect_args": {"timeout": 30}}
     app.conf.update(
         task_queues=[task_queue(q) for q in topology.BUILTIN_TASK_QUEUES],
         task_default_exchange=tasks_exchange.name,

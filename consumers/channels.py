@@ -20,7 +20,7 @@ from schemas.ids import new_id
 from schemas.subscriptions import Channel
 
 __all__ = ["EMAIL_ROUTE", "WEBHOOK_ROUTE", "TaskQueues", "TaskRoute", "delivery_task_messages", "route_of",
-           "task_calls", "task_queues"]
+           "task_calls", "task_message", "task_queues"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +77,20 @@ def delivery_task_messages(celery: Celery, pending: Sequence[PendingDelivery],
 
 
 def _task_message(celery: Celery, route: TaskRoute, args: tuple[object, ...]) -> OutgoingMessage:
-    task_id = new_id()
-    # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send.
     # A delivery's outcome lives in the store: a stored Celery result per task would be a second
     # database write (the request's ignore_result overrides the task's own). Custom tasks keep theirs,
     # so their callers can check a task's state as the Celery guide does.
-    message = celery.amqp.as_task_v2(task_id, route.task, args=args, ignore_result=not route.with_event_id)
+    return task_message(celery, route.task, route.queue, args, new_id(), ignore_result=not route.with_event_id)
+
+
+def task_message(celery: Celery, name: str, queue: str, args: Sequence[object], task_id: str, *,
+                 ignore_result: bool = False) -> OutgoingMessage:
+    """A Celery task message for the confirming publisher, to a queue on hookgate.tasks."""
+    # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send.
+    message = celery.amqp.as_task_v2(task_id, name, args=tuple(args), ignore_result=ignore_result)
     return OutgoingMessage(
         exchange=topology.TASKS_EXCHANGE,
-        routing_key=route.queue,
+        routing_key=queue,
         body=orjson.dumps(message.body),
         message_id=task_id,
         headers=message.headers,

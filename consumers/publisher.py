@@ -28,7 +28,11 @@ import structlog
 from amqp.method_framing import frame_writer
 from kombu import Connection
 
-__all__ = ["BrokerUnavailable", "ConfirmingPublisher", "OutgoingMessage", "PublishError"]
+from schemas.events import CloudEvent
+from schemas.topology import EVENTS_EXCHANGE
+
+__all__ = ["STRUCTURED_MEDIA_TYPE", "BrokerUnavailable", "ConfirmingPublisher", "OutgoingMessage", "PublishError",
+           "event_message"]
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +70,15 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     unsettled: int = 0
     error: str | None = None
+
+
+STRUCTURED_MEDIA_TYPE = "application/cloudevents+json"
+
+
+def event_message(event: CloudEvent) -> OutgoingMessage:
+    """An event as the AMQP contract has it: on hookgate.events, routed by its type, ``message_id`` its id."""
+    return OutgoingMessage(exchange=EVENTS_EXCHANGE, routing_key=event.type, body=event.to_json(),
+                           message_id=event.id, content_type=STRUCTURED_MEDIA_TYPE)
 
 
 class ConfirmingPublisher:

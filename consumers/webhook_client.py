@@ -1,9 +1,10 @@
-"""The HTTP side of a webhook send: checked targets, pinned addresses, keep-alive, no redirects.
+"""The HTTP side of a webhook send (and of a heavy job's download): checked targets, pinned addresses, no redirects.
 
 Errors::
 
     UnsafeTargetError         (consumers.ssrf) the URL may not be called; nothing was sent
     WebhookTransportError     no response at all: timeout, refused, reset, TLS or protocol failure
+     +-- DownloadTooLarge     a download went past its size limit
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import httpcore
 import httpx
 
 from consumers.ssrf import Target, TargetPolicy, check_target
 
-__all__ = ["RESPONSE_EXCERPT_BYTES", "WebhookClient", "WebhookResponse", "WebhookTransportError"]
+__all__ = ["RESPONSE_EXCERPT_BYTES", "DownloadTooLarge", "WebhookClient", "WebhookResponse", "WebhookTransportError"]
 
 # Enough of a response body to show an operator why an endpoint refused, without storing pages.
 RESPONSE_EXCERPT_BYTES = 4096
@@ -30,6 +32,10 @@ _KEEPALIVE_EXPIRY_S = 5.0
 
 class WebhookTransportError(Exception):
     """The endpoint gave no HTTP response; the message names the httpcore error for the attempt log."""
+
+
+class DownloadTooLarge(WebhookTransportError):
+    """The body is larger than the download's limit; what was written is to be discarded."""
 
 
 # Everything httpcore raises when no usable response came back (TLS failures arrive as ConnectError).
@@ -110,22 +116,53 @@ class WebhookClient:
         self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
         self._user_agent = user_agent.encode()
 
+    def _request(self, method: bytes, target: Target, headers: list[tuple[bytes, bytes]],
+                 content: bytes = b"") -> httpcore.Request:
+        return httpcore.Request(
+            method,
+            httpcore.URL(scheme=target.url.raw_scheme, host=target.url.raw_host, port=target.url.port,
+                         target=target.url.raw_path),
+            # httpcore's Request adds no Host; netloc brackets IPv6 and keeps a port.
+            headers=[(b"host", target.url.netloc), (b"user-agent", self._user_agent), *headers],
+            content=content,
+            extensions=self._extensions,
+        )
+
+    def download(self, url: str, sink: BinaryIO, max_bytes: int) -> tuple[int, int]:
+        """GET a checked URL into ``sink``: ``(status, bytes written)``; only a 2xx body is written.
+
+        Raises ``UnsafeTargetError`` (nothing fetched), ``DownloadTooLarge`` past ``max_bytes``, or
+        ``WebhookTransportError``.
+        """
+        target = check_target(url, self._policy)
+        request = self._request(b"GET", target, [(b"accept-encoding", b"identity")])
+        written = 0
+        try:
+            with self._backend.pinned(target):
+                response = self._pool.handle_request(request)
+            try:
+                if not 200 <= response.status < 300:
+                    return response.status, 0
+                for chunk in response.stream:  # type: ignore[union-attr]
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise DownloadTooLarge(f"the file is larger than the limit of {max_bytes} bytes")
+                    sink.write(chunk)
+            finally:
+                response.close()
+        except _TRANSPORT_ERRORS as exc:
+            raise WebhookTransportError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+        return response.status, written
+
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> WebhookResponse:
         """Check the URL, POST ``body`` to a checked address and read at most the excerpt of the answer.
 
         Raises ``UnsafeTargetError`` (nothing sent) or ``WebhookTransportError``.
         """
         target = check_target(url, self._policy)
-        request = httpcore.Request(
-            b"POST",
-            httpcore.URL(scheme=target.url.raw_scheme, host=target.url.raw_host, port=target.url.port,
-                         target=target.url.raw_path),
-            # httpcore's Request adds neither Host nor Content-Length; netloc brackets IPv6 and keeps a port.
-            headers=[(b"host", target.url.netloc), (b"content-length", b"%d" % len(body)),
-                     (b"user-agent", self._user_agent), *((k.encode(), v.encode()) for k, v in headers.items())],
-            content=body,
-            extensions=self._extensions,
-        )
+        # httpcore's Request adds no Content-Length either.
+        request = self._request(b"POST", target, [(b"content-length", b"%d" % len(body)),
+                                                  *((k.encode(), v.encode()) for k, v in headers.items())], body)
         try:
             # The pool opens connections only inside handle_request; a kept-alive one was opened to an
             # address checked for an earlier request to the same host.

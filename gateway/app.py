@@ -19,7 +19,7 @@ from gateway import ingest, openapi
 from gateway.auth import KeyCache
 from gateway.middleware import RequestId
 from gateway.problems import BodyLimit, exception_handlers
-from gateway.routes import deliveries, events, health, metrics, subscriptions
+from gateway.routes import deliveries, events, files, health, jobs, metrics, queues, subscriptions, tasks
 from schemas.settings import Settings
 
 __all__ = ["create_app"]
@@ -58,12 +58,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """The gateway; ``settings`` default to the ``HOOKGATE_*`` environment. Migrations are not run here."""
     settings = settings or Settings()
     app = Starlette(
-        routes=[*ingest.routes, *events.routes, *subscriptions.routes, *deliveries.routes, *health.routes,
-                *metrics.routes, *openapi.routes],
+        routes=[*ingest.routes, *events.routes, *subscriptions.routes, *deliveries.routes, *files.routes,
+                *jobs.routes, *tasks.routes, *queues.routes, *health.routes, *metrics.routes, *openapi.routes],
         # Starlette's own max_body_size answers a too-long Content-Length in plain text; BodyLimit with a problem.
         # RequestId first, outermost: BodyLimit's 413s carry the id too.
+        # Uploads have the file size limit and no body deadline: they are authenticated before they are read.
         middleware=[Middleware(RequestId), Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                                                       timeout_s=settings.http_body_timeout_s)],
+                                                       timeout_s=settings.http_body_timeout_s,
+                                                       paths={files.FILES_PATH: (settings.max_file_bytes, None)})],
         exception_handlers=exception_handlers(),
         lifespan=_lifespan,
     )

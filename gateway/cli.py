@@ -21,7 +21,7 @@ from gateway.httpserver import GuardedHttpToolsProtocol
 from gateway.supervisor import ChildSpec, Supervisor
 from schemas.keys import Scope
 from schemas.settings import Settings
-from schemas.topology import BUILTIN_TASK_QUEUES
+from schemas.topology import BUILTIN_TASK_QUEUES, HEAVY_QUEUE
 
 __all__ = ["main"]
 
@@ -37,7 +37,11 @@ def _start(process: str) -> Settings:
         settings = Settings()
     except ValidationError as exc:
         # Name the variable and the rule only: the rejected value may be a secret.
-        problems = "; ".join(f"HOOKGATE_{str(error['loc'][0]).upper()}: {error['msg']}" for error in exc.errors())
+        problems = "; ".join(
+            # A rule across fields (the heavy limits) has no location of its own: its message names them.
+            f"HOOKGATE_{str(error['loc'][0]).upper()}: {error['msg']}" if error["loc"] else error["msg"]
+            for error in exc.errors()
+        )
         raise click.UsageError(f"invalid settings: {problems}") from exc
     configure_logging(process, level=settings.log_level, json=_LOG_FORMATS[settings.log_format])
     return settings
@@ -131,6 +135,9 @@ def worker(queues: str, concurrency: int | None, pool: str, hostname: str | None
     names = [name.strip() for name in queues.split(",") if name.strip()]
     if not names:
         raise click.BadParameter("name at least one queue", param_hint="-Q")
+    if HEAVY_QUEUE in names and pool != "prefork":
+        raise click.BadParameter("the heavy queue needs the prefork pool: only it enforces time limits",
+                                 param_hint="--pool")
     argv = ["worker", "--queues", ",".join(names), "--pool", pool,
             # One node name per queue set, so several workers on one host do not clash.
             "--hostname", hostname or f"{'-'.join(names)}@%h",
@@ -138,6 +145,10 @@ def worker(queues: str, concurrency: int | None, pool: str, hostname: str | None
             "--without-gossip", "--without-mingle"]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
+    if HEAVY_QUEUE in names:
+        # A heavy task runs for minutes: a process holds only the one it runs, the others wait in the broker
+        # for whichever process is free first.
+        argv += ["--prefetch-multiplier", "1"]
     _run_celery(settings, argv)
 
 

@@ -15,19 +15,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from consumers.metrics import EVENTS_ACCEPTED, PUBLISH_CONFIRM_SECONDS
-from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
+from consumers.publisher import STRUCTURED_MEDIA_TYPE, ConfirmingPublisher, PublishError, event_message
 from gateway.auth import Principal, authenticate
 from gateway.problems import Problem
 from schemas.events import CloudEvent, EnvelopeError, event_from_binary, event_from_json, is_json_media_type
 from schemas.keys import Scope
 from schemas.settings import Settings
-from schemas.topology import EVENTS_EXCHANGE
 
 __all__ = ["MAX_BATCH_EVENTS", "routes"]
 
 log = structlog.get_logger(__name__)
 
-STRUCTURED = "application/cloudevents+json"
+STRUCTURED = STRUCTURED_MEDIA_TYPE
 BATCH = "application/cloudevents-batch+json"
 MAX_BATCH_EVENTS = 1000
 _MAX_IDEMPOTENCY_KEY = 256
@@ -72,17 +71,12 @@ def _binary_attributes(request: Request) -> dict[str, str]:
     }
 
 
-def _message(event: CloudEvent) -> OutgoingMessage:
-    return OutgoingMessage(exchange=EVENTS_EXCHANGE, routing_key=event.type, body=event.to_json(),
-                           message_id=event.id, content_type=STRUCTURED)
-
-
 async def _publish(request: Request, events: Sequence[CloudEvent]) -> None:
     publisher: ConfirmingPublisher = request.app.state.publisher
     settings: Settings = request.app.state.settings
     started = time.perf_counter()
     try:
-        await publisher.publish([_message(event) for event in events])
+        await publisher.publish([event_message(event) for event in events])
     except PublishError as exc:
         _UNAVAILABLE.inc(len(events))
         log.warning("ingest_not_confirmed", events=len(events), error=str(exc))

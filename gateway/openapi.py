@@ -23,6 +23,7 @@ from schemas.deliveries import (
     RecoverResult,
 )
 from schemas.events import CloudEvent
+from schemas.jobs import FileFormat, ImportFromUrl, JobKind, JobOut, QueuesOut, ReportRequest, TaskOut
 from schemas.subscriptions import (
     SecretRotation,
     SubscriptionCreate,
@@ -47,6 +48,11 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (DeliveryPage, "serialization"),
     (RecoverRequest, "validation"),
     (RecoverResult, "serialization"),
+    (ImportFromUrl, "validation"),
+    (ReportRequest, "validation"),
+    (JobOut, "serialization"),
+    (TaskOut, "serialization"),
+    (QueuesOut, "serialization"),
 ]
 
 _PROBLEM_SCHEMA: dict[str, Any] = {
@@ -339,6 +345,7 @@ def _paths() -> dict[str, Any]:
             }
         },
         **_delivery_paths(),
+        **_job_paths(),
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
@@ -412,6 +419,93 @@ def _delivery_paths() -> dict[str, Any]:
                     "202": {"description": "How many were enqueued again.", **_json(_ref("RecoverResult"))},
                     **_problems(400, 401, 403, 404, 409, 415, 422, 503),
                 },
+            }
+        },
+    }
+
+
+def _job_paths() -> dict[str, Any]:
+    csv_download = {"description": "The CSV file.", **_json({"type": "string"}, "text/csv")}
+    job_id = [{"name": "job_id", **_PATH_ID}]
+    return {
+        "/v1/files": {
+            "post": {
+                "operationId": "createJob",
+                "summary": "Start a heavy job: import a file (uploaded, or fetched from a URL) or build a report",
+                "description": "With `?kind=import&format=ndjson|csv` the body is the file itself, streamed to disk "
+                "(`HOOKGATE_MAX_FILE_BYTES`, 2 GiB by default). Without a query the body is JSON: an import from "
+                "`url` (fetched by the heavy worker through the SSRF guard) or a `report` of deliveries.",
+                "security": _AUTH,
+                "parameters": [
+                    {"name": "kind", "in": "query", "required": False, "schema": {"enum": [JobKind.IMPORT.value]},
+                     "description": "`import` to upload the file as the body."},
+                    {"name": "format", "in": "query", "required": False,
+                     "schema": {"enum": [f.value for f in FileFormat]}, "description": "The uploaded file's format."},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {
+                            "oneOf": [_ref("ImportFromUrl"), _ref("ReportRequest")],
+                            "discriminator": {"propertyName": "kind"},
+                        }},
+                        "*/*": {"schema": {"type": "string", "format": "binary",
+                                           "description": "The file, with `?kind=import&format=...`."}},
+                    },
+                },
+                "responses": {
+                    "202": {"description": "The job, queued.", **_json(_ref("JobOut"))},
+                    **_problems(400, 401, 403, 413, 415, 422, 503),
+                },
+            }
+        },
+        "/v1/jobs/{job_id}": {
+            "get": {
+                "operationId": "getJob",
+                "summary": "A job's state, progress (bytes and lines done of total), counts, error and links",
+                "security": _AUTH,
+                "parameters": job_id,
+                "responses": {"200": {"description": "The job.", **_json(_ref("JobOut"))},
+                              **_problems(401, 403, 404, 503)},
+            }
+        },
+        "/v1/jobs/{job_id}/errors": {
+            "get": {
+                "operationId": "getJobErrors",
+                "summary": "An import's error report: `line,error` for every line refused",
+                "security": _AUTH,
+                "parameters": job_id,
+                "responses": {"200": csv_download, **_problems(401, 403, 404, 503)},
+            }
+        },
+        "/v1/jobs/{job_id}/result": {
+            "get": {
+                "operationId": "getJobResult",
+                "summary": "A report job's CSV of deliveries",
+                "security": _AUTH,
+                "parameters": job_id,
+                "responses": {"200": csv_download, **_problems(401, 403, 404, 503)},
+            }
+        },
+        "/v1/tasks/{task_id}": {
+            "get": {
+                "operationId": "getTask",
+                "summary": "A Celery task's state (PENDING, STARTED, PROGRESS, RETRY, SUCCESS, FAILURE) and result",
+                "description": "Read from the persistent result backend; an id it does not know reads PENDING, as "
+                "in Celery.",
+                "security": _AUTH,
+                "parameters": [{"name": "task_id", **_PATH_ID}],
+                "responses": {"200": {"description": "The task.", **_json(_ref("TaskOut"))},
+                              **_problems(401, 403, 404, 503)},
+            }
+        },
+        "/v1/queues": {
+            "get": {
+                "operationId": "listQueues",
+                "summary": "Messages ready and unacknowledged, and consumers, of every hookgate queue",
+                "security": _AUTH,
+                "responses": {"200": {"description": "The queues.", **_json(_ref("QueuesOut"))},
+                              **_problems(401, 403, 503)},
             }
         },
     }

@@ -123,26 +123,30 @@ class BodyLimit:
     (``gateway.httpserver``).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None,
+                 paths: Mapping[str, tuple[int, float | None]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        # Paths with limits of their own (file uploads): (max_bytes, timeout_s).
+        self.paths = dict(paths or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes, timeout_s = self.paths.get(scope["path"], (self.max_bytes, self.timeout_s))
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await problem_response(413, _too_large_detail(self.max_bytes))(scope, receive, send)
+        if declared is not None and declared > max_bytes:
+            await problem_response(413, _too_large_detail(max_bytes))(scope, receive, send)
             return
         # Counted whether or not a Content-Length was declared: chunked bodies have none.
-        await self.app(scope, self._guarded(receive), send)
+        await self.app(scope, self._guarded(receive, max_bytes, timeout_s), send)
 
-    def _guarded(self, receive: Receive) -> Receive:
+    def _guarded(self, receive: Receive, max_bytes: int, timeout_s: float | None) -> Receive:
         received = 0
         complete = False
-        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
 
         async def receive_guarded() -> Message:
             nonlocal received, complete
@@ -152,13 +156,13 @@ class BodyLimit:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                raise Problem(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                raise Problem(408, f"the request body did not arrive within {timeout_s:g} s",
                               headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 complete = not message.get("more_body", False)
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise Problem(413, _too_large_detail(self.max_bytes))
+                if received > max_bytes:
+                    raise Problem(413, _too_large_detail(max_bytes))
             return message
 
         return receive_guarded

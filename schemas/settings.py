@@ -6,7 +6,7 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.beat import validate_beat_schedule
@@ -103,6 +103,29 @@ class Settings(BaseSettings):
     # How often a beat waiting for the lock tries again, and how often the holder checks it still has it.
     beat_lock_poll_s: float = Field(default=5.0, gt=0)
 
+    # Heavy jobs (file imports, reports) on the heavy queue. The soft limit makes a job checkpoint and
+    # continue in a follow-up task; the hard limit kills the pool child. The broker closes the channel of
+    # a consumer holding a message unacked longer than its consumer_timeout (RabbitMQ's default 30 min),
+    # so the hard limit must stay below it: a process refuses to start otherwise.
+    heavy_soft_time_limit_s: int = Field(default=540, ge=1)
+    heavy_time_limit_s: int = Field(default=600, ge=1)
+    broker_consumer_timeout_s: float = Field(default=1800.0, gt=0)
+    # How often a killed heavy task (worker lost) is run again before its job fails.
+    heavy_max_worker_lost_retries: int = Field(default=3, ge=0)
+    # Where uploaded and downloaded files, error reports and report results are kept; the gateway and
+    # the heavy workers must see the same directory.
+    files_dir: Path = Field(default_factory=lambda: Path.cwd() / "hookgate-files")
+    max_file_bytes: int = Field(default=2 * 1024**3, ge=1)
+    # Lines an import publishes per confirmed batch; its offset is checkpointed after each batch.
+    import_batch_lines: int = Field(default=2000, ge=1, le=100_000)
+    # How often (seconds) an import writes its checkpoint and PROGRESS state.
+    import_checkpoint_interval_s: float = Field(default=1.0, gt=0)
+    # Timeout of a URL download's connect and of each read.
+    download_timeout_s: float = Field(default=30.0, gt=0)
+    # Management HTTP API of the broker (http://host:15672), for unacked counts in GET /v1/queues;
+    # empty: ready messages and consumers only, over AMQP.
+    broker_management_url: str = ""
+
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = 8080
@@ -150,6 +173,17 @@ class Settings(BaseSettings):
     @classmethod
     def _recipients(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return validate_recipients(value)
+
+    @model_validator(mode="after")
+    def _heavy_limits(self) -> Settings:
+        if self.heavy_soft_time_limit_s >= self.heavy_time_limit_s:
+            raise ValueError("heavy_soft_time_limit_s must be below heavy_time_limit_s")
+        if self.heavy_time_limit_s >= self.broker_consumer_timeout_s:
+            raise ValueError(
+                "heavy_time_limit_s must be below broker_consumer_timeout_s (the broker's consumer_timeout): "
+                "the broker would close the channel of a heavy task still running"
+            )
+        return self
 
     @property
     def celery_result_backend(self) -> str:

@@ -11,7 +11,7 @@ TASKS_EXCHANGE = "hookgate.tasks"
 WEBHOOKS_QUEUE = "webhooks"
 EMAIL_QUEUE = "email"
 HEAVY_QUEUE = "heavy"
-BUILTIN_TASK_QUEUES = (WEBHOOKS_QUEUE, EMAIL_QUEUE)
+BUILTIN_TASK_QUEUES = (WEBHOOKS_QUEUE, EMAIL_QUEUE, HEAVY_QUEUE)
 # Queue names a custom task route may not take: the built-in ones, and the prefixes of RabbitMQ,
 # Celery and hookgate.
 RESERVED_QUEUE_PREFIXES = ("amq.", "celery", "hookgate.")

@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 from celery.backends.database.models import ResultModelBase, TaskExtended, TaskSet
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from consumers.store import jobs
 from consumers.store.database import make_engine, make_sessionmaker, utcnow
 from consumers.store.ingest import ActiveSubscription, persist_events
-from consumers.store.models import Attempt, Delivery, Event
+from consumers.store.jobs import JobFiles
+from consumers.store.models import Attempt, Delivery, Event, Job
 from consumers.store.retention import remove_expired
 from schemas.deliveries import DeliveryStatus
 from schemas.events import CloudEvent
 from schemas.ids import new_id
+from schemas.jobs import FileFormat, JobKind, JobStatus
 from tests.history import add_event, add_past_delivery
 from tests.receiver import make_secret
 from tests.seeding import add_subscription
@@ -59,9 +62,11 @@ def _add_results(engine: Engine, done: list[datetime]) -> None:
             conn.execute(insert(TaskSet.__table__).values(taskset_id=new_id(), date_done=naive))
 
 
-def test_cleanup_removes_exactly_what_is_past_retention(engine: Engine, sessions: sessionmaker[Session]) -> None:
-    """Events past the cutoff go with their deliveries, attempts, dedup keys and old task results; an event
-    with an open delivery or one touched since the cutoff stays whole, and so does everything younger."""
+def test_cleanup_removes_exactly_what_is_past_retention(engine: Engine, sessions: sessionmaker[Session],
+                                                        tmp_path: Path) -> None:
+    """Events past the cutoff go with their deliveries, attempts, dedup keys, old task results and old finished
+    jobs with their files; an event with an open delivery or one touched since the cutoff stays whole, and so
+    does everything younger."""
     now = utcnow()
     cutoff = now - 30 * DAY
     old, just_inside = now - 40 * DAY, cutoff + timedelta(minutes=1)
@@ -90,9 +95,15 @@ def test_cleanup_removes_exactly_what_is_past_retention(engine: Engine, sessions
     with sessions() as session:
         old_key = session.execute(select(Event.source, Event.id).where(Event.pk == sorted(expired)[0])).one()
 
-    removed = remove_expired(sessions, cutoff, batch_size=2, task_results=True)
+    old_job, recent_job = _add_job(sessions, tmp_path, old), _add_job(sessions, tmp_path, now - DAY)
 
-    assert removed.as_dict() == {"events": 6, "deliveries": 10, "attempts": 15, "task_results": 4, "done": True}
+    removed = remove_expired(sessions, cutoff, batch_size=2, task_results=True, files_root=tmp_path)
+
+    assert removed.as_dict() == {"events": 6, "deliveries": 10, "attempts": 15, "task_results": 4, "jobs": 1,
+                                 "done": True}
+    with sessions() as session:
+        assert list(session.execute(select(Job.id)).scalars()) == [recent_job]
+    assert not JobFiles(tmp_path, old_job).directory.exists() and JobFiles(tmp_path, recent_job).input.exists()
     assert _pks(sessions) == kept
     assert _count(sessions, Delivery) == 2 * len(kept)
     assert _count(sessions, Attempt) == 3 * len(kept)
@@ -101,8 +112,22 @@ def test_cleanup_removes_exactly_what_is_past_retention(engine: Engine, sessions
     event = CloudEvent(id=old_key.id, source=old_key.source, type="order.created", data={})
     _, duplicates = persist_events(sessions, [(event, event.to_json())], [])
     assert duplicates == 0
-    assert remove_expired(sessions, cutoff, batch_size=2, task_results=True).as_dict() == {
-        "events": 0, "deliveries": 0, "attempts": 0, "task_results": 0, "done": True}
+    assert remove_expired(sessions, cutoff, batch_size=2, task_results=True, files_root=tmp_path).as_dict() == {
+        "events": 0, "deliveries": 0, "attempts": 0, "task_results": 0, "jobs": 0, "done": True}
+
+
+def _add_job(sessions: sessionmaker[Session], files_root: Path, created_at: datetime) -> str:
+    """A finished import job created at ``created_at``, with its input file."""
+    job_id = new_id()
+    jobs.create_job(sessions, job_id=job_id, task_id=new_id(), kind=JobKind.IMPORT, format=FileFormat.NDJSON,
+                    bytes_total=3)
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id)
+                        .values(created_at=created_at, status=JobStatus.SUCCEEDED.value))
+    files = JobFiles(files_root, job_id)
+    files.directory.mkdir(parents=True)
+    files.input.write_bytes(b"{}\n")
+    return job_id
 
 
 def test_cleanup_stops_at_its_deadline_and_a_second_run_finishes(sessions: sessionmaker[Session]) -> None:

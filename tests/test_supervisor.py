@@ -268,17 +268,18 @@ def up(broker_url: str, celery_control: Celery, tmp_path: Path) -> Iterator[Up]:
 
 def test_up_runs_every_process_with_the_operator_commands(up: Up, celery_control: Celery) -> None:
     """`hookgate up` runs the gateway, the router, a worker per queue and beat, as `python -m gateway.cli ...`."""
-    commands = {name: cmdline(up.pid_of(name))[1:]
-                for name in ("gateway", "router", "worker-webhooks", "worker-email", "beat")}
+    names = ("gateway", "router", "worker-webhooks", "worker-email", "worker-heavy", "beat")
+    commands = {name: cmdline(up.pid_of(name))[1:] for name in names}
     assert commands == {
         "gateway": ["-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(up.port)],
         "router": ["-m", "gateway.cli", "router"],
         "worker-webhooks": ["-m", "gateway.cli", "worker", "-Q", "webhooks"],
         "worker-email": ["-m", "gateway.cli", "worker", "-Q", "email"],
+        "worker-heavy": ["-m", "gateway.cli", "worker", "-Q", "heavy"],
         "beat": ["-m", "gateway.cli", "beat"],
     }
-    wait_until(lambda: len(worker_pongs(celery_control)) == 2, 30, "both workers to answer a ping")
-    assert sorted(name.split("@")[0] for name in worker_pongs(celery_control)) == ["email", "webhooks"]
+    wait_until(lambda: len(worker_pongs(celery_control)) == 3, 30, "the three workers to answer a ping")
+    assert sorted(name.split("@")[0] for name in worker_pongs(celery_control)) == ["email", "heavy", "webhooks"]
     # shelve picks the dbm flavour, and with it the file names: celerybeat-schedule, .db, or .dat and .dir.
     wait_until(lambda: list(up.state_dir.glob("celerybeat-schedule*")), 10, "beat's schedule in the state directory")
     assert alive(up.pid_of("beat"))

@@ -11,7 +11,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["make_engine", "make_sessionmaker", "migrate", "utcnow"]
+__all__ = ["make_engine", "make_sessionmaker", "migrate", "normalise_url", "utcnow"]
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -20,7 +20,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _normalise_url(url: str) -> str:
+def normalise_url(url: str) -> str:
     # psycopg 3 is the PostgreSQL driver we ship; accept the bare scheme users write.
     for bare in ("postgresql://", "postgres://"):
         if url.startswith(bare):
@@ -29,7 +29,7 @@ def _normalise_url(url: str) -> str:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    url = _normalise_url(url)
+    url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
 
@@ -67,5 +67,5 @@ def migrate(url: str) -> None:
     """Create or upgrade the schema to the newest migration."""
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", _normalise_url(url).replace("%", "%%"))
+    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
     command.upgrade(cfg, "head")

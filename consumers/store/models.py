@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Dialect,
     ForeignKey,
@@ -20,7 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
-    "ApiKey", "Attempt", "Base", "BeatRun", "Delivery", "EndpointHealth", "Event", "Subscription", "UTCDateTime",
+    "ApiKey", "Attempt", "Base", "BeatRun", "Delivery", "EndpointHealth", "Event", "Job", "Subscription",
+    "UTCDateTime",
 ]
 
 
@@ -175,3 +177,41 @@ class BeatRun(Base):
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     last_run_at: Mapped[datetime]
+
+
+class Job(Base):
+    """A heavy job (an import or a report): its request, its checkpoint, and which task runs it now."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_created_at", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    # The first task; the one the job belongs to now (a continuation after a soft time limit), and the
+    # task that handed it over, which sends the continuation again should it die before doing so.
+    task_id: Mapped[str] = mapped_column(String(36))
+    current_task_id: Mapped[str] = mapped_column(String(36))
+    handed_over_by: Mapped[str | None] = mapped_column(String(36))
+    # Set while current_task_id runs: a second start of the same task means the first one was lost.
+    running: Mapped[bool] = mapped_column(default=False)
+    source_url: Mapped[str | None] = mapped_column(String(2048))
+    # Report filters, and the CloudEvents source of imported events that name none.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    downloaded: Mapped[bool] = mapped_column(default=False)
+    # The checkpoint: input bytes and lines done, error report bytes written, events published.
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    lines_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    error_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    published: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    continuations: Mapped[int] = mapped_column(Integer, default=0)
+    lost_runs: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    owner_key_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]

@@ -3,7 +3,7 @@
 An event goes with its deliveries and their attempts (and with it its dedup key, the (source, id)
 row) once it was received before the cutoff and none of its deliveries is open or was touched since
 the cutoff; an event with an open delivery stays whole. Celery's result rows in the store's database
-go once done before the cutoff.
+go once done before the cutoff, and finished heavy jobs created before it with their files.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from celery.backends.database.models import Task as TaskResult
 from celery.backends.database.models import TaskSet as GroupResult
@@ -19,6 +20,7 @@ from sqlalchemy import Connection, Table, delete, exists, inspect, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.store.errors import translate_errors
+from consumers.store.jobs import delete_jobs_before
 from consumers.store.models import Attempt, Delivery, Event
 from schemas.deliveries import OPEN_STATUSES
 
@@ -38,12 +40,13 @@ class Removed:
     deliveries: int = 0
     attempts: int = 0
     task_results: int = 0
+    jobs: int = 0
     done: bool = False
     batches: int = field(default=0, repr=False)
 
     def as_dict(self) -> dict[str, int | bool]:
         return {"events": self.events, "deliveries": self.deliveries, "attempts": self.attempts,
-                "task_results": self.task_results, "done": self.done}
+                "task_results": self.task_results, "jobs": self.jobs, "done": self.done}
 
 
 def _kept(cutoff: datetime) -> object:
@@ -99,11 +102,12 @@ def _result_tables(connection: Connection) -> list[Table]:
 
 
 def remove_expired(sessions: sessionmaker[Session], cutoff: datetime, *, batch_size: int,
-                   task_results: bool, deadline: float | None = None,
+                   task_results: bool, files_root: Path | None = None, deadline: float | None = None,
                    pause: Callable[[float], None] = time.sleep) -> Removed:
-    """Remove everything past ``cutoff``, ``batch_size`` events (or result rows) per transaction.
+    """Remove everything past ``cutoff``, ``batch_size`` events (or result rows, or jobs) per transaction.
 
-    ``task_results``: the Celery result backend is the store's database, so its rows go too. Stops
+    ``task_results``: the Celery result backend is the store's database, so its rows go too.
+    ``files_root``: where job files live (``HOOKGATE_FILES_DIR``); finished jobs go with them. Stops
     early, with ``done`` False, once ``time.monotonic()`` passes ``deadline``: the caller carries on
     in a new task. Safe to run twice at once or to interrupt anywhere: every batch is a transaction
     that re-checks what it deletes.
@@ -113,7 +117,6 @@ def remove_expired(sessions: sessionmaker[Session], cutoff: datetime, *, batch_s
         tables = _result_tables(session.connection()) if task_results else []
     steps: list[Callable[[Session], bool]] = [
         lambda session: _events_batch(session, cutoff, batch_size, removed),
-        # After the jobs branch merges: its jobs and job files past the cutoff are removed here, as a step.
         *(lambda session, t=table: _results_batch(session, t, cutoff, batch_size, removed) for table in tables),
     ]
     for step in steps:
@@ -126,5 +129,10 @@ def remove_expired(sessions: sessionmaker[Session], cutoff: datetime, *, batch_s
             if not more:
                 break
             pause(_PAUSE_S)
+    if files_root is not None:
+        if deadline is not None and time.monotonic() > deadline:
+            return removed
+        # Jobs are few beside events: all of them now, still a batch per transaction.
+        removed.jobs = delete_jobs_before(sessions, files_root, cutoff, batch_size)
     removed.done = True
     return removed

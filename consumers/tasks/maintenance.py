@@ -89,7 +89,8 @@ def cleanup_old_data(self: Task, cutoff: str | None = None) -> dict[str, int | b
     deadline = time.monotonic() + _HEAVY_LIMITS["soft_time_limit"] - _CLEANUP_MARGIN_S
     try:
         removed = remove_expired(_sessions(self.app), moment, batch_size=settings.cleanup_batch_size,
-                                 task_results=not settings.result_backend, deadline=deadline)
+                                 task_results=not settings.result_backend, files_root=settings.files_dir,
+                                 deadline=deadline)
     except StoreError as exc:
         logger.warning("cleanup_postponed", error=str(exc))
         raise self.retry(countdown=_STORE_RETRY_S, exc=exc) from exc

@@ -36,6 +36,12 @@ SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/deliveries"): Scope.EVENTS_READ,
     ("GET", "/v1/deliveries/{delivery_id}"): Scope.EVENTS_READ,
     ("POST", "/v1/deliveries/{delivery_id}/retry"): Scope.SUBSCRIPTIONS,
+    ("POST", "/v1/files"): Scope.EVENTS_WRITE,
+    ("GET", "/v1/jobs/{job_id}"): Scope.EVENTS_READ,
+    ("GET", "/v1/jobs/{job_id}/errors"): Scope.EVENTS_READ,
+    ("GET", "/v1/jobs/{job_id}/result"): Scope.EVENTS_READ,
+    ("GET", "/v1/tasks/{task_id}"): Scope.EVENTS_READ,
+    ("GET", "/v1/queues"): Scope.ADMIN,
 }
 _SUBSCRIPTION_PATHS = ("/v1/subscriptions",)
 _EXAMPLES = 25
@@ -62,7 +68,8 @@ def live_gateway(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         engine.dispose()
     port = free_port()
     # Targets must resolve: generated URLs name hosts that do not, so no subscription is ever live.
-    settings_ = Settings(broker_url=broker_url, database_url=database_url, port=port, log_format="json")
+    settings_ = Settings(broker_url=broker_url, database_url=database_url, port=port, log_format="json",
+                         files_dir=directory / "files")
     gateway = Hookgate(settings_, directory / "serve.log", "serve", "--port", str(port))
     gateway.start()
     try:

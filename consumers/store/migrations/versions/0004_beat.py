@@ -1,7 +1,7 @@
 """scheduled work: beat's shared last runs, an index for the stuck-delivery sweep
 
 Revision ID: 0004_beat
-Revises: 0002
+Revises: 0003_jobs
 Create Date: 2026-12-04 02:20:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0004_beat'
-down_revision = '0002'
+down_revision = '0003_jobs'
 branch_labels = None
 depends_on = None
 
