@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import amqp
 import orjson
-from celery import Celery
+from celery import Celery, Signature
 from kombu import Connection
 from kombu.exceptions import KombuError
 
@@ -84,10 +84,15 @@ def _task_message(celery: Celery, route: TaskRoute, args: tuple[object, ...]) ->
 
 
 def task_message(celery: Celery, name: str, queue: str, args: Sequence[object], task_id: str, *,
-                 ignore_result: bool = False) -> OutgoingMessage:
-    """A Celery task message for the confirming publisher, to a queue on hookgate.tasks."""
-    # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send.
-    message = celery.amqp.as_task_v2(task_id, name, args=tuple(args), ignore_result=ignore_result)
+                 ignore_result: bool = False, then: Sequence[Signature] = ()) -> OutgoingMessage:
+    """A Celery task message for the confirming publisher, to a queue on hookgate.tasks.
+
+    ``then``: the tasks that follow it, in order, as ``chain(this, *then)`` would run them.
+    """
+    # Celery's own message builder (protocol 2), so workers see exactly what apply_async would send;
+    # a chain travels in the message as the rest of its tasks, last first.
+    message = celery.amqp.as_task_v2(task_id, name, args=tuple(args), ignore_result=ignore_result,
+                                     chain=[dict(signature) for signature in reversed(then)] or None)
     return OutgoingMessage(
         exchange=topology.TASKS_EXCHANGE,
         routing_key=queue,

@@ -6,9 +6,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.deliveries import DeliveryStatus
+from schemas.reports import validate_recipients
 
 __all__ = [
     "REPORT_COLUMNS",
@@ -76,6 +77,10 @@ class ReportRequest(BaseModel):
     status: DeliveryStatus | None = None
     subscription_id: str | None = Field(default=None, max_length=36)
     event_type: str | None = Field(default=None, max_length=255)
+    # Addresses the finished CSV is emailed to, as an attachment.
+    email_to: tuple[str, ...] = Field(default=(), max_length=50)
+
+    _recipients = field_validator("email_to")(validate_recipients)
 
     @model_validator(mode="after")
     def _ordered(self) -> ReportRequest:

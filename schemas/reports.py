@@ -8,6 +8,8 @@ from datetime import datetime
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
+from schemas.email import parse_address
+
 __all__ = ["ReportRow", "WeeklyReport", "validate_recipients"]
 
 _COLUMNS = ("subscription_id", "description", "delivered", "failed", "dead", "p50_ms", "p99_ms")
@@ -91,12 +93,8 @@ class WeeklyReport(BaseModel):
 
 
 def validate_recipients(addresses: tuple[str, ...]) -> tuple[str, ...]:
-    """Addresses as ``local@domain``, without spaces: enough to catch a list typed wrong, not an RFC 5322 parser."""
-    for address in addresses:
-        local, at, domain = address.rpartition("@")
-        if not (at and local and "." in domain.strip(".") and not any(c.isspace() for c in address)):
-            raise ValueError(f"not an email address: {address!r}")
-    return addresses
+    """Each address normalised, or ValueError naming the one that is not an address."""
+    return tuple(parse_address(address) for address in addresses)
 
 
 def _day(moment: datetime) -> str:

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from email.message import EmailMessage
 from typing import Any, BinaryIO
 
 import orjson
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import celery_app
 from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, event_message
+from consumers.smtp import SmtpPermanentError, SmtpTransientError, send_message
 from consumers.ssrf import TargetPolicy, UnsafeTargetError
 from consumers.store import jobs
 from consumers.store.database import make_engine, make_sessionmaker
@@ -45,7 +47,7 @@ from schemas.ids import new_id
 from schemas.jobs import REPORT_COLUMNS, FileFormat, JobKind, JobStatus, import_event_id
 from schemas.settings import Settings
 
-__all__ = ["PROGRESS", "build_report", "import_file"]
+__all__ = ["PROGRESS", "build_report", "email_report", "import_file"]
 
 logger = structlog.get_logger(__name__)
 
@@ -55,6 +57,12 @@ _SETTINGS: Settings = celery_app.conf.hookgate_settings
 # runs are bounded separately, by HOOKGATE_HEAVY_MAX_WORKER_LOST_RETRIES, in the job's row.
 _TRANSIENT_RETRIES = 10
 _TRANSIENT_RETRY_S = 5
+# A report's email: (soft, hard) time limits, its retries on a transient SMTP failure, and the largest
+# CSV attached (above it the mail carries the download link).
+_REPORT_EMAIL_LIMITS_S = (120, 150)
+_REPORT_EMAIL_RETRIES = 5
+_REPORT_EMAIL_RETRY_S = 60
+_REPORT_EMAIL_ATTACH_MAX_BYTES = 10 * 1024 * 1024
 # Batches published and not yet confirmed at once: the next batch is parsed while one is confirmed.
 _IN_FLIGHT = 2
 # A batch also ends at this much input, so memory stays flat however long the lines are.
@@ -544,7 +552,48 @@ def import_file(self: Task, job_id: str) -> dict[str, Any]:
 def build_report(self: Task, job_id: str) -> dict[str, Any]:
     """Write the CSV of the deliveries the job's range and filters select.
 
-    Its result names the file, so an email task can follow it in a chain:
-    ``chain(build_report.si(job_id), send_email.si(...))``.
+    A report asked for with ``email_to`` runs as ``chain(build_report.si(job_id), email_report.si(job_id, to))``.
     """
     return _run_job(self, job_id, JobKind.REPORT)
+
+
+@celery_app.task(name="tasks.email_report", bind=True, acks_late=True, max_retries=_REPORT_EMAIL_RETRIES,
+                 soft_time_limit=_REPORT_EMAIL_LIMITS_S[0], time_limit=_REPORT_EMAIL_LIMITS_S[1])
+def email_report(self: Task, job_id: str, recipients: list[str]) -> dict[str, Any]:
+    """Email a finished report job's CSV as an attachment: the second link of
+    ``chain(build_report.si(job_id), email_report.si(job_id, recipients))``.
+
+    Idempotent for readers: the ``Message-ID`` is made from the job id, so a redelivered task's second
+    copy is recognisable as the same message. A transient SMTP failure retries the task.
+    """
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    resources = _process_resources()
+    settings = resources.settings
+    job = jobs.get_job(resources.sessions, job_id)
+    if job is None or job.status is not JobStatus.SUCCEEDED:
+        logger.warning("report email skipped", reason="the report job did not succeed")
+        return {"job_id": job_id, "emailed": False}
+    report = JobFiles(settings.files_dir, job_id).report
+    message = EmailMessage()
+    message["Subject"] = f"hookgate delivery report {job_id} ({job.counts.get('rows', 0)} deliveries)"
+    message["From"] = settings.report_from
+    message["To"] = ", ".join(recipients)
+    message["Message-ID"] = f"<report-{job_id}@{settings.report_from.rpartition('@')[2]}>"
+    size = report.stat().st_size
+    if size <= _REPORT_EMAIL_ATTACH_MAX_BYTES:
+        message.set_content(f"The delivery report of job {job_id} is attached as report.csv.\n")
+        message.add_attachment(report.read_bytes(), maintype="text", subtype="csv", filename="report.csv")
+    else:
+        # Mail servers refuse big messages: the link is enough, and the gateway serves the file.
+        message.set_content(f"The delivery report of job {job_id} is {size} bytes, too large to attach; "
+                            f"download it from {job.links['result']}.\n")
+    try:
+        send_message(message, settings)
+    except SmtpTransientError as exc:
+        logger.warning("report email postponed", error=str(exc), retry_in_s=_REPORT_EMAIL_RETRY_S)
+        raise self.retry(countdown=_REPORT_EMAIL_RETRY_S, exc=exc) from exc
+    except SmtpPermanentError as exc:
+        logger.error("report email refused", error=str(exc), code=exc.code)
+        return {"job_id": job_id, "emailed": False, "error": str(exc)}
+    logger.info("report emailed", recipients=len(recipients), attached=size <= _REPORT_EMAIL_ATTACH_MAX_BYTES)
+    return {"job_id": job_id, "emailed": True}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import structlog
+from celery import Signature
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 from starlette.requests import Request
 from starlette.responses import Response
@@ -46,13 +48,14 @@ class JobRequest(RootModel[Annotated[ImportFromUrl | ReportRequest, Field(discri
 
 
 async def _start(request: Request, principal: Principal, *, job_id: str, kind: JobKind, format: FileFormat,
-                 **fields: Any) -> Response:
-    """Store the job, send its task (confirmed), and answer 202 with the job; undo both on a 503."""
+                 then: Sequence[Signature] = (), **fields: Any) -> Response:
+    """Store the job, send its task (confirmed) with the tasks that follow it, and answer 202 with the job;
+    undo both on a 503."""
     settings: Settings = request.app.state.settings
     task_id = new_id()
     await asyncio.to_thread(jobs.create_job, request.app.state.sessions, job_id=job_id, task_id=task_id, kind=kind,
                             format=format, owner_key_id=principal.key_id, **fields)
-    message = task_message(request.app.state.celery, _TASKS[kind], HEAVY_QUEUE, [job_id], task_id)
+    message = task_message(request.app.state.celery, _TASKS[kind], HEAVY_QUEUE, [job_id], task_id, then=then)
     try:
         await request.app.state.publisher.publish([message])
     except PublishError as exc:
@@ -113,8 +116,11 @@ async def post_file(request: Request) -> Response:
     body = (await read_model(request, JobRequest)).root
     if isinstance(body, ReportRequest):
         params = body.model_dump(mode="json", exclude={"kind"})
+        # Emailed once written: chain(build_report, email_report), both on the heavy queue.
+        then = [request.app.state.celery.signature("tasks.email_report", args=(job_id, list(body.email_to)),
+                                                   immutable=True, queue=HEAVY_QUEUE)] if body.email_to else []
         return await _start(request, principal, job_id=job_id, kind=JobKind.REPORT, format=FileFormat.CSV,
-                            params=params)
+                            then=then, params=params)
     try:
         await asyncio.to_thread(check_target, body.url, TargetPolicy.from_settings(settings))
     except UnsafeTargetError as exc:
