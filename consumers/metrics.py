@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 __all__ = [
     "ATTEMPT_SECONDS",
@@ -117,9 +118,16 @@ def _registry() -> CollectorRegistry:
     return registry
 
 
-def render() -> bytes:
-    """This process's metrics, or every process's under ``PROMETHEUS_MULTIPROC_DIR``, in the text format."""
-    return generate_latest(_registry())
+def render(*collectors: Collector) -> bytes:
+    """This process's metrics, or every process's under ``PROMETHEUS_MULTIPROC_DIR``, in the text format;
+    then ``collectors``' figures, gathered now (not counted by any process)."""
+    text = generate_latest(_registry())
+    if collectors:
+        extra = CollectorRegistry(auto_describe=False)
+        for collector in collectors:
+            extra.register(collector)
+        text += generate_latest(extra)
+    return text
 
 
 def serve_metrics(port: int, host: str, process: str) -> None:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from urllib.parse import quote, unquote
 
 import httpx
 from amqp.exceptions import NotFound
 from kombu import Connection
 from kombu.exceptions import OperationalError
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from consumers.channels import task_queues
 from schemas import topology
 from schemas.jobs import QueueOut
 from schemas.settings import Settings
 
-__all__ = ["BrokerStatsUnavailable", "hookgate_queues", "queue_stats"]
+__all__ = ["BrokerStatsUnavailable", "QueueDepthCollector", "hookgate_queues", "queue_stats"]
 
 _TIMEOUT_S = 3.0
 
@@ -75,3 +77,37 @@ def queue_stats(settings: Settings) -> list[QueueOut]:
     unacked = _unacked(settings, names) if settings.broker_management_url else {}
     return [QueueOut(name=name, messages_ready=counts[name][0], messages_unacknowledged=unacked.get(name),
                      consumers=counts[name][1]) for name in names]
+
+
+class QueueDepthCollector:
+    """Prometheus collector: every hookgate queue's ready and unacknowledged messages and its consumers,
+    read from the broker at scrape time (the gateway's ``/metrics``).
+
+    ``hookgate_queue_stats_up`` is 0 when the broker did not answer; the figures are then left out
+    rather than reported as zeros.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("hookgate_queue_stats_up", "1 when the broker answered this scrape's queue figures.")
+        try:
+            stats = queue_stats(self._settings)
+        except BrokerStatsUnavailable:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        ready = GaugeMetricFamily("hookgate_queue_messages_ready", "Messages waiting in a hookgate queue.",
+                                  labels=["queue"])
+        unacked = GaugeMetricFamily("hookgate_queue_messages_unacknowledged",
+                                    "Messages delivered to consumers and not yet acked (needs "
+                                    "HOOKGATE_BROKER_MANAGEMENT_URL).", labels=["queue"])
+        consumers = GaugeMetricFamily("hookgate_queue_consumers", "Consumers of a hookgate queue.", labels=["queue"])
+        for queue in stats:
+            ready.add_metric([queue.name], queue.messages_ready)
+            consumers.add_metric([queue.name], queue.consumers)
+            if queue.messages_unacknowledged is not None:
+                unacked.add_metric([queue.name], queue.messages_unacknowledged)
+        yield from (up, ready, unacked, consumers)

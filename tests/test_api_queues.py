@@ -40,7 +40,7 @@ async def test_queues_report_waiting_messages_and_consumers(broker_url: str, sql
 
         before = await figures()
         assert list(before) == [topology.INGEST_QUEUE, topology.DEAD_QUEUE, topology.WEBHOOKS_QUEUE,
-                                topology.HEAVY_QUEUE]
+                                topology.EMAIL_QUEUE, topology.HEAVY_QUEUE]
         assert before[topology.HEAVY_QUEUE] == {"name": "heavy", "messages_ready": 3, "messages_unacknowledged": None,
                                                 "consumers": 0}
         assert before[topology.INGEST_QUEUE]["messages_ready"] == 0

@@ -193,6 +193,22 @@ async def test_ingest_counters_and_confirm_histogram_move(gateway: Gateway) -> N
     assert after[("hookgate_publish_confirm_seconds_sum", ())] > before[("hookgate_publish_confirm_seconds_sum", ())]
 
 
+async def test_metrics_show_every_queue_depth_as_the_broker_counts_it(gateway: Gateway) -> None:
+    """``/metrics`` asks RabbitMQ at scrape time: events waiting in ``hookgate.ingest`` (no router here) are its
+    ready messages, with no consumer, and every other hookgate queue has its series too."""
+    admin, writer = gateway.auth(Scope.ADMIN), gateway.auth(Scope.EVENTS_WRITE)
+    ingest = (("queue", topology.INGEST_QUEUE),)
+    before = (await _metrics(gateway, admin))[("hookgate_queue_messages_ready", ingest)]
+    for _ in range(3):
+        assert (await gateway.client.post("/v1/events", json=_EVENT, headers=writer)).status_code == 202
+    samples = await _metrics(gateway, admin)
+    assert samples[("hookgate_queue_stats_up", ())] == 1
+    assert samples[("hookgate_queue_messages_ready", ingest)] - before == 3
+    assert samples[("hookgate_queue_consumers", ingest)] == 0
+    for queue in (topology.WEBHOOKS_QUEUE, topology.EMAIL_QUEUE, topology.HEAVY_QUEUE, topology.DEAD_QUEUE):
+        assert ("hookgate_queue_messages_ready", (("queue", queue),)) in samples
+
+
 def _value(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 

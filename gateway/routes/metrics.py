@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from consumers.metrics import CONTENT_TYPE, render
+from consumers.queue_stats import QueueDepthCollector
 from gateway.auth import authenticate
 from schemas.keys import Scope
 from schemas.settings import Settings
@@ -22,8 +23,9 @@ async def metrics(request: Request) -> Response:
     # send a key get them only when the operator says so (HOOKGATE_METRICS_PUBLIC, behind a private network).
     if not settings.metrics_public:
         await authenticate(request, Scope.ADMIN)
-    # Under PROMETHEUS_MULTIPROC_DIR this reads a file per process: off the event loop.
-    return Response(await asyncio.to_thread(render), media_type=CONTENT_TYPE)
+    # Under PROMETHEUS_MULTIPROC_DIR this reads a file per process, and the queue depths ask the broker:
+    # off the event loop.
+    return Response(await asyncio.to_thread(render, QueueDepthCollector(settings)), media_type=CONTENT_TYPE)
 
 
 routes = [Route("/metrics", metrics, methods=["GET"], name="metrics")]
