@@ -9,10 +9,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.store.database import utcnow
-from consumers.store.models import Attempt, Delivery, Event, Subscription
-from schemas.events import CloudEvent
+from consumers.store.models import Attempt, Delivery, Subscription
 from schemas.ids import new_id
 from schemas.subscriptions import SubscriptionCreate
+from tests.seeding import add_event_delivery
 
 __all__ = ["TEMPLATE", "add_channel_subscription", "add_event_delivery", "email_fields", "load", "wait_status"]
 
@@ -41,21 +41,6 @@ def add_channel_subscription(sessions: sessionmaker[Session], fields: dict[str, 
                                  url=None, secret=None, description="", enabled=True, options=data.options,
                                  created_at=now, updated_at=now, **columns))
     return subscription_id
-
-
-def add_event_delivery(sessions: sessionmaker[Session], subscription_id: str, data: Any,
-                       event_type: str = "order.paid") -> tuple[CloudEvent, str]:
-    """An event and one pending delivery of it to the subscription; the event and the delivery id."""
-    now = utcnow()
-    event = CloudEvent(id=new_id(), source="tests/email", type=event_type, data=data, time=now)
-    event_pk, delivery_id = new_id(), new_id()
-    with sessions.begin() as session:
-        session.add(Event(pk=event_pk, id=event.id, source=event.source, type=event.type, time=event.time,
-                          body=event.to_json().decode(), received_at=now))
-        session.flush()
-        session.add(Delivery(id=delivery_id, event_pk=event_pk, subscription_id=subscription_id, status="pending",
-                             attempts_count=0, created_at=now, updated_at=now))
-    return event, delivery_id
 
 
 def load(sessions: sessionmaker[Session], delivery_id: str) -> tuple[Delivery, list[Attempt]]:

@@ -14,7 +14,7 @@ from consumers.store.models import Delivery, Event, Subscription
 from schemas.events import CloudEvent
 from schemas.ids import new_id
 
-__all__ = ["add_delivery", "add_subscription", "statuses", "wait_for"]
+__all__ = ["add_delivery", "add_event_delivery", "add_subscription", "statuses", "wait_for"]
 
 
 def add_subscription(sessions: sessionmaker[Session], url: str, secret: str, **columns: Any) -> str:
@@ -27,9 +27,11 @@ def add_subscription(sessions: sessionmaker[Session], url: str, secret: str, **c
     return subscription_id
 
 
-def add_delivery(sessions: sessionmaker[Session], subscription_id: str) -> str:
+def add_event_delivery(sessions: sessionmaker[Session], subscription_id: str, data: Any,
+                       event_type: str = "order.paid", source: str = "tests/email") -> tuple[CloudEvent, str]:
+    """An event and one pending delivery of it to the subscription; the event and the delivery id."""
     now = utcnow()
-    event = CloudEvent(id=new_id(), source="tests/endpoints", type="order.created", data={"n": 1}, time=now)
+    event = CloudEvent(id=new_id(), source=source, type=event_type, data=data, time=now)
     event_pk, delivery_id = new_id(), new_id()
     with sessions.begin() as session:
         session.add(Event(pk=event_pk, id=event.id, source=event.source, type=event.type, time=event.time,
@@ -37,7 +39,11 @@ def add_delivery(sessions: sessionmaker[Session], subscription_id: str) -> str:
         session.flush()
         session.add(Delivery(id=delivery_id, event_pk=event_pk, subscription_id=subscription_id, status="pending",
                              attempts_count=0, created_at=now, updated_at=now))
-    return delivery_id
+    return event, delivery_id
+
+
+def add_delivery(sessions: sessionmaker[Session], subscription_id: str) -> str:
+    return add_event_delivery(sessions, subscription_id, {"n": 1}, "order.created", "tests/endpoints")[1]
 
 
 def statuses(sessions: sessionmaker[Session], subscription_id: str) -> dict[str, int]:
