@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,32 +12,20 @@ import pytest
 
 from consumers.store.database import migrate
 from schemas.settings import Settings
+from tests.vhosts import fresh_vhost
 
 # tests/logscan.py: every key and secret the run creates is looked for in the run's logs at the end.
 # pytester: tests/security/test_security_log_scan.py runs an inner pytest to show the scan failing a run.
 pytest_plugins = ["tests.logscan", "pytester"]
 
-RABBIT_HOST = os.environ.get("HOOKGATE_TEST_RABBIT_HOST", "127.0.0.1")
 PG_ADMIN_URL = os.environ.get("HOOKGATE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def _rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        pytest.fail("rabbitmqctl is not installed: the integration tests need a real RabbitMQ (run scripts/setup.sh)")
-    result = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {result.stderr or result.stdout}")
 
 
 @pytest.fixture(scope="module")
 def broker_url() -> Iterator[str]:
-    """A broker URL on a vhost of its own, deleted with everything in it after the module."""
-    vhost = f"hookgate-test-{uuid.uuid4().hex[:12]}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@{RABBIT_HOST}:5672/{vhost}"
-    _rabbitmqctl("delete_vhost", vhost)
+    """A vhost for the test module."""
+    with fresh_vhost() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

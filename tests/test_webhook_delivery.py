@@ -34,6 +34,7 @@ from schemas.keys import Scope
 from schemas.settings import Settings
 from tests.apiclient import running_gateway
 from tests.receiver import Receiver, Reply, make_secret
+from tests.vhosts import fresh_vhost
 from tests.workers import Worker, settings_env
 
 # One worker per store serves most tests; these settings keep retries and time limits short.
@@ -284,25 +285,35 @@ def test_exhausted_schedule_ends_dead(sessions: sessionmaker[Session], enqueue: 
     assert delivery.last_error == "HTTP 500" and delivery.lease_until is None and delivery.next_attempt_at is None
 
 
-def test_retry_waits_in_the_broker_and_honours_retry_after(sessions: sessionmaker[Session], broker_url: str,
-                                                          enqueue: Callable[[str], None]) -> None:
+def test_retry_waits_in_the_broker_and_honours_retry_after(sessions: sessionmaker[Session], module_settings: Settings,
+                                                          tmp_path: Path) -> None:
     """A 503 with Retry-After: 2 parks the retry in RabbitMQ's delayed queues, and it arrives 2 s later (not 1 s).
 
     The task's recheck (a look after the lease, in case the worker dies mid-send) is parked there too.
+    The count is exact only on a vhost of the test's own: the module's earlier tests leave rechecks
+    parked for the length of a lease (40 s here), and one leaving while this test counts hides one of its own.
     """
     secret = make_secret()
-    before = delayed_messages(broker_url)
-    with Receiver(secret, script=[Reply(503, headers={"retry-after": "2"})]) as receiver:
-        delivery_id = seed(sessions, receiver.url, secret)
-        enqueue(delivery_id)
-        receiver.wait_for(1)
-        # The retry is published just after the attempt; look while it waits its 2 s.
-        deadline = time.monotonic() + 1.5
-        while (parked := delayed_messages(broker_url) - before) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert parked == 2
-        first, second = receiver.wait_for(2, timeout_s=10)
-        wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+    with fresh_vhost() as broker_url:
+        settings = module_settings.model_copy(update={"broker_url": broker_url})
+        app = make_celery(settings)
+        with (Worker(settings, tmp_path / "worker.log") as worker,
+              Receiver(secret, script=[Reply(503, headers={"retry-after": "2"})]) as receiver):
+            try:
+                delivery_id = seed(sessions, receiver.url, secret)
+                app.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
+                receiver.wait_for(1)
+                # The retry is published just after the attempt; look while it waits its 2 s.
+                deadline = time.monotonic() + 1.5
+                while (parked := delayed_messages(broker_url)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert parked == 2
+                first, second = receiver.wait_for(2, timeout_s=10)
+                wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n--- worker log (tail) ---\n{worker.log_text()[-20000:]}") from exc
+            finally:
+                app.close()
     assert second.at - first.at >= 1.9
 
 
