@@ -12,10 +12,13 @@ from typing import Any
 
 import orjson
 import pytest
+from amqp.exceptions import NotFound
 from celery import Celery
 from celery.result import AsyncResult
+from kombu import Connection
 
 from consumers.celery_app import make_celery
+from consumers.topology import task_queue
 from schemas.ids import new_id
 from schemas.settings import Settings
 from tests.channel_seeding import add_channel_subscription, add_event_delivery
@@ -141,3 +144,34 @@ def test_a_task_called_directly_has_its_status_in_the_result_backend(stack: Chan
     assert state == "SUCCESS"
     assert outcome == {"delivery_id": delivery_id, "attempt": 1, "status": "succeeded", "status_code": None,
                        "error": None}
+
+
+def test_the_router_declares_a_new_task_queue_before_its_first_publish(stack: ChannelStack) -> None:
+    """A task route to a queue no worker has declared yet: the router declares it (durable, quorum, bound on
+    hookgate.tasks by its name) and the task message waits there for the queue's first worker."""
+    response = stack.api.post("/v1/subscriptions", json={"channel": "task", "task": TASK, "queue": "ledger",
+                                                         "event_types": ["ledger.*"]})
+    assert response.status_code == 201, response.text
+    stack.wait_for_subscriptions()
+    event_id = _post_event(stack, {"invoice_id": "inv-ledger"}, event_type="ledger.entry")
+
+    with Connection(stack.settings.broker_url) as connection:
+        channel = connection.channel()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                # Passive: the test must not create the queue itself.
+                waiting = channel.queue_declare("ledger", passive=True).message_count
+            except NotFound:
+                waiting, channel = 0, connection.channel()
+            if waiting:
+                break
+            assert time.monotonic() < deadline, f"no task message in queue ledger\n{stack.logs()}"
+            time.sleep(0.1)
+        # Declared again with the arguments the router must have used: any other would be refused (406).
+        task_queue("ledger").bind(channel).declare()
+        message = channel.basic_get("ledger", no_ack=True)
+    assert waiting == 1
+    assert message.headers["task"] == TASK
+    delivery = stack.api.get(f"/v1/events/{event_id}", params={"source": "billing-tests"}).json()["deliveries"]
+    assert orjson.loads(message.body)[0] == [event_id, delivery[0]["id"]]
