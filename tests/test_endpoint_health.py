@@ -15,8 +15,10 @@ from kombu import Connection, Queue
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from consumers.announce import announce
 from consumers.celery_app import make_celery
 from consumers.store.database import make_engine, make_sessionmaker
+from consumers.store.endpoints import Transition, TransitionKind
 from consumers.store.models import Delivery, EndpointHealth, Subscription
 from consumers.topology import declare_topology, events_exchange
 from schemas.ids import new_id
@@ -25,7 +27,7 @@ from schemas.settings import Settings
 from tests.apiclient import running_gateway
 from tests.receiver import Received, Receiver, Reply, make_secret
 from tests.seeding import add_delivery, add_subscription, statuses, wait_for
-from tests.workers import Worker
+from tests.workers import Worker, free_port
 
 # Four attempts decide the breaker; probes one then two seconds apart; retries far off, so that
 # only probes and releases send again.
@@ -263,3 +265,48 @@ async def test_deliveries_of_a_disabled_subscription_wait_and_go_when_enabled(
     assert sorted(r.webhook_id for r in receiver.ledger) == sorted(ids)
     with sessions() as session:
         assert session.get(Subscription, subscription_id).disabled_reason is None
+
+
+def test_410_disable_is_announced_once(settings: Settings, sessions: sessionmaker[Session], sender: Celery,
+                                       notices: Callable[[], list[dict[str, Any]]], tmp_path: Path) -> None:
+    """Two deliveries answered 410 disable their subscription, published once as hookgate.subscription.disabled."""
+    secret = make_secret()
+    with Receiver(secret, default=Reply(410)) as receiver, start_worker(settings, tmp_path, "w1"):
+        subscription_id = add_subscription(sessions, receiver.url, secret)
+        ids = [add_delivery(sessions, subscription_id) for _ in range(2)]
+        sender.send_task("tasks.deliver_webhooks", args=[ids], queue="webhooks")
+        wait_for(lambda: statuses(sessions, subscription_id) == {"dead": 2}, 10, "both dead")
+        wait_for(lambda: any(n["type"] == "hookgate.subscription.disabled" for n in notices()), 10, "disabled")
+        # A second announcement, were there one, is published with the same batch or the next one.
+        time.sleep(1.0)
+    disabled = [n for n in notices() if n["type"] == "hookgate.subscription.disabled"]
+    assert [(n["subject"], n["data"]) for n in disabled] == [
+        (subscription_id, {"subscription_id": subscription_id, "reason": "the endpoint answered HTTP 410"})]
+
+
+def test_announcement_the_broker_refuses_is_kept_and_sent_by_the_sweep(
+        make_settings: Callable[..., Settings], settings: Settings, sessions: sessionmaker[Session], sender: Celery,
+        tmp_path: Path) -> None:
+    """A transition announced while RabbitMQ is unreachable is stored as an event with its deliveries, and the
+    stuck-delivery sweep then sends it to the operator's subscription."""
+    secret = make_secret()
+    with Receiver(secret) as operator:
+        watcher = add_subscription(sessions, operator.url, secret)
+        with sessions.begin() as session:
+            session.execute(update(Subscription).where(Subscription.id == watcher)
+                            .values(event_types=["hookgate.subscription.*"]))
+        unreachable = make_celery(make_settings(broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}//"))
+        try:
+            announce(unreachable, sessions, [Transition("sub-1", TransitionKind.PAUSED, "5 of the last 5 failed")])
+        finally:
+            unreachable.close()
+        assert statuses(sessions, watcher) == {"pending": 1}
+
+        swept = settings.model_copy(update={"sweep_stuck_after_s": 0.5})
+        with start_worker(swept, tmp_path, "w1"):
+            time.sleep(0.6)  # the sweep takes deliveries left alone that long
+            sender.send_task("tasks.sweep_stuck_deliveries", queue="webhooks")
+            (notice,) = operator.wait_for(1)
+            wait_for(lambda: statuses(sessions, watcher) == {"succeeded": 1}, 10, "notice recorded")
+    assert notice.verified and notice.json()["type"] == "hookgate.subscription.paused"
+    assert notice.json()["data"] == {"subscription_id": "sub-1", "reason": "5 of the last 5 failed"}

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.store import endpoints
 from consumers.store.database import utcnow
-from consumers.store.endpoints import Claimed, EndpointPolicy, Settlement
+from consumers.store.endpoints import Claimed, EndpointPolicy, Settlement, Transition, TransitionKind
 from consumers.store.errors import translate_errors
 from consumers.store.models import Attempt, Delivery, Event, Subscription
 from schemas.deliveries import OPEN_STATUSES, DeliveryStatus
@@ -330,7 +330,8 @@ class Outcome:
     record: AttemptRecord
     status: DeliveryStatus
     next_attempt_at: datetime | None = None
-    # The endpoint answered 410 Gone: its subscription is disabled in the same transaction.
+    # The endpoint answered 410 Gone: its subscription is disabled in the same transaction, and the
+    # change is among the settlement's transitions, to be announced like a breaker's.
     disable_subscription: bool = False
 
 
@@ -349,7 +350,7 @@ def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]
     An outcome is not current when its delivery was no longer this attempt's (cancelled meanwhile,
     or the lease expired and another worker claimed it): the attempt is still recorded, the status
     left alone. With a ``policy``, the current outcomes then count towards their endpoint's health
-    (``endpoints.settle``).
+    (``endpoints.settle``). A subscription a 410 disabled is among the settlement's transitions.
     """
     now = utcnow()
     attempts = [
@@ -363,10 +364,15 @@ def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]
     with translate_errors("recording delivery attempts"), sessions.begin() as session:
         connection = session.connection()
         connection.execute(_INSERT_ATTEMPT, attempts)
+        gone: list[Transition] = []
         for o in outcomes:
-            if o.disable_subscription:
-                connection.execute(_DISABLE, {"p_id": o.job.subscription_id, "p_now": now,
-                                              "p_reason": f"the endpoint answered {o.record.error or 'HTTP 410'}"})
+            if not o.disable_subscription:
+                continue
+            reason = f"the endpoint answered {o.record.error or 'HTTP 410'}"
+            # Only the 410 that disabled it is a change to announce: two in one batch are one change.
+            if connection.execute(_DISABLE, {"p_id": o.job.subscription_id, "p_now": now,
+                                             "p_reason": reason}).rowcount == 1:
+                gone.append(Transition(o.job.subscription_id, TransitionKind.DISABLED, reason))
         current = [
             connection.execute(_SETTLE, {
                 "p_id": o.job.delivery_id, "p_attempt": o.job.attempt, "p_status": o.status.value,
@@ -379,6 +385,7 @@ def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]
             endpoints.Result(o.job.delivery_id, o.job.subscription_id, o.status is DeliveryStatus.SUCCEEDED)
             for o, kept in zip(outcomes, current, strict=True) if kept
         ], policy, now) if policy is not None else Settlement()
+    settlement.transitions[:0] = gone
     return Recorded(current, settlement)
 
 

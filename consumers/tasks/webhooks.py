@@ -346,7 +346,7 @@ def _record(resources: _ProcessResources, results: list[tuple[Outcome, int | Non
     settlement = recorded.settlement
     _enqueue(settlement.release, resources.settings.webhook_batch_size)
     _schedule(settlement.delayed)
-    announce(resources.app, settlement.transitions)
+    announce(resources.app, resources.sessions, settlement.transitions)
 
 
 def _enqueue(delivery_ids: list[str], batch_size: int) -> None:
