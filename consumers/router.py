@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -31,7 +32,7 @@ from consumers.channels import TaskQueues, delivery_task_messages, task_queues
 from consumers.metrics import EVENTS_DEAD_LETTERED, EVENTS_DUPLICATE, EVENTS_ROUTED, serve_metrics
 from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from consumers.runtime import tune_gc
-from consumers.store.database import make_engine, make_sessionmaker
+from consumers.store.database import make_engine, make_sessionmaker, utcnow
 from consumers.store.ingest import ActiveSubscription, PendingDelivery, load_active_subscriptions, persist_events
 from consumers.topology import declare_topology
 from schemas import topology
@@ -150,7 +151,7 @@ class Router:
                 return
 
     async def _process(self, batch: Sequence[AbstractIncomingMessage]) -> None:
-        events: list[tuple[CloudEvent, bytes]] = []
+        received: list[tuple[AbstractIncomingMessage, CloudEvent]] = []
         dead: list[OutgoingMessage] = []
         for message in batch:
             try:
@@ -161,14 +162,16 @@ class Router:
                 with structlog.contextvars.bound_contextvars(message_id=message.message_id):
                     log.warning("event_dead_lettered", reason=exc.detail)
                 continue
-            events.append((event, event.to_json()))
+            received.append((message, event))
+        events = [(event, event.to_json()) for _, event in received]
         if dead:
             await self._publisher.publish(dead)
         pending: list[PendingDelivery] = []
         duplicates = 0
         if events:
             subscriptions = await self._active_subscriptions()
-            pending, duplicates = await asyncio.to_thread(persist_events, self._sessions, events, subscriptions)
+            pending, duplicates = await asyncio.to_thread(persist_events, self._sessions, events, subscriptions,
+                                                          received_at=_accepted_at(received))
             messages = delivery_task_messages(self._celery, pending, self._settings.webhook_batch_size)
             await self._queues.publish(self._publisher, messages)
         await _ack_through(batch[-1])
@@ -179,7 +182,7 @@ class Router:
         log.info("batch_routed", messages=len(batch), events=len(events), dead_lettered=len(dead),
                  duplicates=duplicates, deliveries=len(pending))
         if logging.getLogger(__name__).isEnabledFor(logging.INFO):
-            _log_routed(events, pending)
+            _log_routed(received, pending)
 
     async def _active_subscriptions(self) -> list[ActiveSubscription]:
         now = time.monotonic()
@@ -194,14 +197,31 @@ class Router:
         EVENTS_DEAD_LETTERED.inc()
 
 
-def _log_routed(events: Sequence[tuple[CloudEvent, bytes]], pending: Sequence[PendingDelivery]) -> None:
-    """One line per event, with its id bound as the gateway and the workers bind it, so one event is
-    followed through every process by ``event_id``."""
+def _accepted_at(received: Sequence[tuple[AbstractIncomingMessage, CloudEvent]]) -> dict[tuple[str, str], datetime]:
+    """When the gateway accepted each event, by (source, id), from its stamp; events without a readable
+    stamp (another publisher's) are left out and stored as received now. A stamp ahead of this clock
+    (the gateway's runs fast) counts as now, so no latency comes out negative."""
+    now = utcnow()
+    accepted: dict[tuple[str, str], datetime] = {}
+    for message, event in received:
+        try:
+            at = datetime.fromisoformat(_text((message.headers or {})[topology.ACCEPTED_AT_HEADER]))
+        except (KeyError, ValueError):
+            continue
+        if at.tzinfo is not None:
+            accepted.setdefault((event.source, event.id), min(at, now))
+    return accepted
+
+
+def _log_routed(received: Sequence[tuple[AbstractIncomingMessage, CloudEvent]],
+                pending: Sequence[PendingDelivery]) -> None:
+    """One line per event, with its event and message ids bound as the gateway and the workers bind
+    theirs, so one event is followed through every process by ``event_id``."""
     delivery_ids: dict[str, list[str]] = {}
     for delivery in pending:
         delivery_ids.setdefault(delivery.event_id, []).append(delivery.delivery_id)
-    for event, _ in events:
-        with structlog.contextvars.bound_contextvars(event_id=event.id):
+    for message, event in received:
+        with structlog.contextvars.bound_contextvars(event_id=event.id, message_id=message.message_id):
             log.info("event_routed", source=event.source, type=event.type,
                      delivery_ids=delivery_ids.get(event.id, []))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,9 +16,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from consumers.metrics import EVENTS_ACCEPTED, PUBLISH_CONFIRM_SECONDS
-from consumers.publisher import STRUCTURED_MEDIA_TYPE, ConfirmingPublisher, PublishError, event_message
+from consumers.publisher import STRUCTURED_MEDIA_TYPE, ConfirmingPublisher, OutgoingMessage, PublishError, event_message
+from consumers.store.database import utcnow
 from gateway.auth import Principal, authenticate
 from gateway.problems import Problem
+from schemas import topology
 from schemas.events import CloudEvent, EnvelopeError, event_from_binary, event_from_json, is_json_media_type
 from schemas.keys import Scope
 from schemas.settings import Settings
@@ -34,6 +37,9 @@ _CE_HEADER = "ce-"
 _ACCEPTED = EVENTS_ACCEPTED.labels(outcome="accepted")
 _REJECTED = EVENTS_ACCEPTED.labels(outcome="rejected")
 _UNAVAILABLE = EVENTS_ACCEPTED.labels(outcome="unavailable")
+# A batch's log lines list this many of its ids at most: a line stays a few KB. The 202 lists them
+# all, and the router writes a line per event with its id.
+_LOGGED_BATCH_IDS = 20
 
 
 def _media_type(request: Request) -> str:
@@ -71,12 +77,18 @@ def _binary_attributes(request: Request) -> dict[str, str]:
     }
 
 
+def _stamped(event: CloudEvent, accepted_at: str) -> OutgoingMessage:
+    # The router stores the stamp as the event's received_at: the delivery latency counts from here.
+    return dataclasses.replace(event_message(event), headers={topology.ACCEPTED_AT_HEADER: accepted_at})
+
+
 async def _publish(request: Request, events: Sequence[CloudEvent]) -> None:
     publisher: ConfirmingPublisher = request.app.state.publisher
     settings: Settings = request.app.state.settings
     started = time.perf_counter()
+    accepted_at = utcnow().isoformat()
     try:
-        await publisher.publish([event_message(event) for event in events])
+        await publisher.publish([_stamped(event, accepted_at) for event in events])
     except PublishError as exc:
         _UNAVAILABLE.inc(len(events))
         log.warning("ingest_not_confirmed", events=len(events), error=str(exc))
@@ -144,6 +156,8 @@ async def post_batch(request: Request) -> Response:
             events.append(event_from_json(item, default_source=principal.default_source))
         except EnvelopeError as exc:
             raise _invalid(exc, index) from exc
+    structlog.contextvars.bind_contextvars(event_count=len(events),
+                                           event_ids=[event.id for event in events[:_LOGGED_BATCH_IDS]])
     await _publish(request, events)
     return _accepted({"ids": [event.id for event in events]})
 

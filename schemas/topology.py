@@ -20,6 +20,8 @@ RESERVED_QUEUE_PREFIXES = ("amq.", "celery", "hookgate.")
 INGEST_DELIVERY_LIMIT = 20
 
 ERROR_HEADER = "x-hookgate-error"
+# When the gateway accepted an event (ISO 8601, UTC): the router stores it as the event's received_at.
+ACCEPTED_AT_HEADER = "x-hookgate-accepted-at"
 
 # Held by the one beat that schedules: an exclusive queue, owned by that process's connection.
 BEAT_LOCK_QUEUE = "hookgate.beat"

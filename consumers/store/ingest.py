@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -81,8 +81,12 @@ def persist_events(
     sessions: sessionmaker[Session],
     events: Sequence[tuple[CloudEvent, bytes]],
     subscriptions: Sequence[ActiveSubscription],
+    *,
+    received_at: Mapping[tuple[str, str], datetime] | None = None,
 ) -> tuple[list[PendingDelivery], int]:
     """Store new events with one delivery per matching subscription; return what to enqueue and the duplicates.
+
+    ``received_at`` holds when the gateway accepted events, by (source, id); the others are stamped now.
 
     Duplicates of (source, id) are not stored again. Their deliveries that never started are
     returned once more: a router that crashed between this commit and the task publish left them
@@ -92,7 +96,8 @@ def persist_events(
     unique: dict[tuple[str, str], tuple[CloudEvent, bytes]] = {}
     for event, body in events:
         unique.setdefault((event.source, event.id), (event, body))
-    rows = [_event_row(event, body, now) for event, body in unique.values()]
+    accepted = received_at or {}
+    rows = [_event_row(event, body, accepted.get(key, now)) for key, (event, body) in unique.items()]
     with sessions.begin() as session:
         engine = session.get_bind()
         assert isinstance(engine, Engine)
@@ -132,7 +137,7 @@ def _unstarted_deliveries(session: Session, keys: list[tuple[str, str]],
     return [PendingDelivery(r.id, r.event_id, by_id[r.subscription_id]) for r in rows if r.subscription_id in by_id]
 
 
-def _event_row(event: CloudEvent, body: bytes, now: datetime) -> dict[str, object]:
+def _event_row(event: CloudEvent, body: bytes, received_at: datetime) -> dict[str, object]:
     return {
         "pk": new_id(),
         "id": event.id,
@@ -141,7 +146,7 @@ def _event_row(event: CloudEvent, body: bytes, now: datetime) -> dict[str, objec
         "subject": event.subject,
         "time": event.time,
         "body": body.decode(),
-        "received_at": now,
+        "received_at": received_at,
     }
 
 

@@ -108,14 +108,18 @@ class _ProcessResources:
         self.pool.submit(self._send, job)
 
     def _send(self, job: DeliveryJob) -> None:
-        try:
-            result = _attempt(self.thread_client(), job, self.settings)
-        except Exception as exc:  # a send that crashed is a failed attempt, never a lost one
-            logger.exception("webhook send failed unexpectedly", delivery_id=job.delivery_id)
-            result = (Outcome(job, AttemptRecord(utcnow(), 0.0, error=f"internal error: {exc}"),
-                              DeliveryStatus.RETRYING, utcnow() + timedelta(seconds=_STORE_RETRY_S)), _STORE_RETRY_S)
-        finally:
-            self.slots.release()
+        # A sending thread serves every task of the process, and a pool thread does not inherit the task's
+        # context: the delivery's own ids are bound here, for any line written while it is sent.
+        with structlog.contextvars.bound_contextvars(**_job_ids(job)):
+            try:
+                result = _attempt(self.thread_client(), job, self.settings)
+            except Exception as exc:  # a send that crashed is a failed attempt, never a lost one
+                logger.exception("webhook send failed unexpectedly")
+                result = (Outcome(job, AttemptRecord(utcnow(), 0.0, error=f"internal error: {exc}"),
+                                  DeliveryStatus.RETRYING, utcnow() + timedelta(seconds=_STORE_RETRY_S)),
+                          _STORE_RETRY_S)
+            finally:
+                self.slots.release()
         self.finished.put(result)
 
     def record_forever(self) -> None:
@@ -157,6 +161,10 @@ class _ProcessResources:
 
 
 _resources: _ProcessResources | None = None
+
+
+def _job_ids(job: DeliveryJob) -> dict[str, str]:
+    return {"delivery_id": job.delivery_id, "event_id": job.event_id, "subscription_id": job.subscription_id}
 
 
 def _new_client(settings: Settings) -> WebhookClient:
@@ -331,8 +339,9 @@ def _record(resources: _ProcessResources, results: list[tuple[Outcome, int | Non
         _ATTEMPT_SECONDS.observe(record.duration_ms / 1000)
         if current:
             DELIVERIES.labels(channel="webhook", outcome=outcome.status.value).inc()
-        log = logger.bind(delivery_id=job.delivery_id, event_id=job.event_id, subscription_id=job.subscription_id,
-                          attempt=job.attempt, status_code=record.status_code)
+        # The recorder thread writes the outcomes of many tasks' sends in one batch, so no task_id: the
+        # task that claimed a delivery has long returned. Each line names its delivery, event and subscription.
+        log = logger.bind(**_job_ids(job), attempt=job.attempt, status_code=record.status_code)
         if not current:
             log.info("webhook delivery taken over or cancelled meanwhile; no retry")
         elif outcome.status is DeliveryStatus.SUCCEEDED:
