@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import orjson
 import pytest
 from kombu import Connection
 
@@ -119,3 +120,49 @@ async def test_unknown_jobs_and_malformed_task_ids_are_404(gw: Gateway) -> None:
     headers = gw.auth(Scope.EVENTS_READ)
     for path in ("/v1/jobs/nope", "/v1/jobs/nope/errors", "/v1/jobs/nope/result", "/v1/tasks/no%20pe"):
         assert_problem(await gw.client.get(path, headers=headers), 404)
+
+
+
+@pytest.fixture
+async def default_limits_gw(make_settings: Callable[..., Settings], store_url: str,
+                            tmp_path: Path) -> AsyncIterator[tuple[Gateway, Settings]]:
+    """A gateway with the default upload limit (2 GiB) and body limit."""
+    settings = make_settings(database_url=store_url, files_dir=tmp_path / "files")
+    with Connection(settings.broker_url) as conn:
+        declare_topology(conn)
+        conn.default_channel.queue_purge(HEAVY_QUEUE)
+    async with gateway(settings) as started:
+        yield started, settings
+
+
+def test_the_upload_limit_defaults_to_2_gib() -> None:
+    """HOOKGATE_MAX_FILE_BYTES, the limit of an uploaded file, is 2 GiB unless set."""
+    assert Settings().max_file_bytes == 2 * 1024**3
+
+
+async def test_an_upload_declaring_more_than_2_gib_is_413_by_default(
+        default_limits_gw: tuple[Gateway, Settings]) -> None:
+    """With the default limit, an upload whose Content-Length is one byte over 2 GiB is refused before it is read."""
+    gw, settings = default_limits_gw
+    response = await gw.client.post("/v1/files", params={"kind": "import", "format": "ndjson"}, content=b"x",
+                                    headers={**gw.auth(Scope.EVENTS_WRITE), "content-length": str(2 * 1024**3 + 1)})
+    assert str(2 * 1024**3) in assert_problem(response, 413)["detail"]
+    _nothing_created(gw, settings)
+
+
+async def _chunks(body: bytes, size: int = 16 * 1024) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start:start + size]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_json_job_request_over_the_ordinary_body_limit_is_413_and_creates_nothing(
+        default_limits_gw: tuple[Gateway, Settings], chunked: bool) -> None:
+    """The JSON form of POST /v1/files is held to max_body_bytes, not the upload limit, declared or streamed."""
+    gw, settings = default_limits_gw
+    body = orjson.dumps({"kind": "import", "format": "ndjson",
+                         "url": "https://example.com/" + "x" * settings.max_body_bytes})
+    response = await gw.client.post("/v1/files", content=_chunks(body) if chunked else body,
+                                    headers={**gw.auth(Scope.EVENTS_WRITE), "content-type": "application/json"})
+    assert str(settings.max_body_bytes) in assert_problem(response, 413)["detail"]
+    _nothing_created(gw, settings)
