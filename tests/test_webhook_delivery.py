@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -21,6 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.celery_app import make_celery
+from consumers.retry_policy import RetryPolicy
 from consumers.signing import sign
 from consumers.store import deliveries
 from consumers.store.database import make_engine, make_sessionmaker, migrate, utcnow
@@ -35,15 +38,20 @@ from schemas.settings import Settings
 from tests.apiclient import running_gateway
 from tests.receiver import Receiver, Reply, make_secret
 from tests.vhosts import fresh_vhost
-from tests.workers import Worker, settings_env
+from tests.workers import Worker, free_port, settings_env
 
 # One worker per store serves most tests; these settings keep retries and time limits short.
+SCHEDULE = (0, 1, 1)
 FAST_RETRIES = {
-    "retry_schedule": (0, 1, 1),
+    "retry_schedule": SCHEDULE,
     "webhook_timeout_s": 5.0,
     "task_soft_time_limit_s": 1,
     "task_time_limit_s": 10,
 }
+# The longest wait that schedule alone gives: 1 s with +20 % jitter, rounded up to whole seconds: 2 s.
+SCHEDULED_WAIT_MAX_S = math.ceil(max(SCHEDULE) * (1 + RetryPolicy(SCHEDULE, 0).jitter))
+# What the Retry-After tests ask for: clearly beyond that, so without Retry-After support they fail.
+RETRY_AFTER_S = SCHEDULED_WAIT_MAX_S + 2
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -103,7 +111,7 @@ def enqueue(sender: Celery, worker: Worker, request: pytest.FixtureRequest) -> I
 
 
 def seed(sessions: sessionmaker[Session], url: str, secret: str, *, status: str = "pending",
-         data: Any = None, enabled: bool = True) -> str:
+         data: Any = None, enabled: bool = True, retry_schedule: list[float] | None = None) -> str:
     """A subscription, an event (structured CloudEvent body) and one delivery; returns the delivery id."""
     now = utcnow()
     event = CloudEvent(id=new_id(), source="tests/delivery", type="order.created",
@@ -112,7 +120,7 @@ def seed(sessions: sessionmaker[Session], url: str, secret: str, *, status: str 
     with sessions.begin() as session:
         session.add(Subscription(id=subscription_id, channel="webhook", event_types=["order.*"], url=url,
                                  secret=secret, description="", enabled=enabled, options={}, created_at=now,
-                                 updated_at=now))
+                                 updated_at=now, retry_schedule=retry_schedule))
         session.add(Event(pk=event_pk, id=event.id, source=event.source, type=event.type, time=event.time,
                           body=event.to_json().decode(), received_at=now))
         session.flush()
@@ -177,10 +185,29 @@ def delayed_messages(broker_url: str) -> int:
                    for level in range(28))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextmanager
+def private_broker(settings: Settings, log_path: Path) -> Iterator[tuple[str, Celery, Worker]]:
+    """A vhost of the test's own, with a worker and a sender on it: its broker URL, the sender, the worker.
+
+    Counts of parked messages are exact only there: the module's earlier tests leave rechecks parked
+    for the length of a lease (40 s here), and one leaving while a test counts hides one of its own.
+    """
+    with fresh_vhost() as broker_url:
+        own = settings.model_copy(update={"broker_url": broker_url})
+        app = make_celery(own)
+        try:
+            with Worker(own, log_path) as worker:
+                yield broker_url, app, worker
+        finally:
+            app.close()
+
+
+def parked_within(broker_url: str, expected: int, timeout_s: float) -> int:
+    """The delayed-delivery count once it reaches ``expected``, or what it is after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (parked := delayed_messages(broker_url)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return parked
 
 
 # -- end to end through a real worker ---------------------------------------------------------------
@@ -287,49 +314,86 @@ def test_exhausted_schedule_ends_dead(sessions: sessionmaker[Session], enqueue: 
 
 def test_retry_waits_in_the_broker_and_honours_retry_after(sessions: sessionmaker[Session], module_settings: Settings,
                                                           tmp_path: Path) -> None:
-    """A 503 with Retry-After: 2 parks the retry in RabbitMQ's delayed queues, and it arrives 2 s later (not 1 s).
+    """A 503 with Retry-After: 4 parks the retry in RabbitMQ's delayed queues, and it arrives 4 s later, not
+    after the schedule's 1-2 s.
 
     The task's recheck (a look after the lease, in case the worker dies mid-send) is parked there too.
-    The count is exact only on a vhost of the test's own: the module's earlier tests leave rechecks
-    parked for the length of a lease (40 s here), and one leaving while this test counts hides one of its own.
     """
     secret = make_secret()
-    with fresh_vhost() as broker_url:
-        settings = module_settings.model_copy(update={"broker_url": broker_url})
-        app = make_celery(settings)
-        with (Worker(settings, tmp_path / "worker.log") as worker,
-              Receiver(secret, script=[Reply(503, headers={"retry-after": "2"})]) as receiver):
-            try:
-                delivery_id = seed(sessions, receiver.url, secret)
-                app.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
-                receiver.wait_for(1)
-                # The retry is published just after the attempt; look while it waits its 2 s.
-                deadline = time.monotonic() + 1.5
-                while (parked := delayed_messages(broker_url)) < 2 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                assert parked == 2
-                first, second = receiver.wait_for(2, timeout_s=10)
-                wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n--- worker log (tail) ---\n{worker.log_text()[-20000:]}") from exc
-            finally:
-                app.close()
-    assert second.at - first.at >= 1.9
+    with (Receiver(secret, script=[Reply(503, headers={"retry-after": str(RETRY_AFTER_S)})]) as receiver,
+          private_broker(module_settings, tmp_path / "worker.log") as (broker_url, app, _worker)):
+        delivery_id = seed(sessions, receiver.url, secret)
+        app.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
+        receiver.wait_for(1)
+        # The retry is published just after the attempt; look while it waits.
+        assert parked_within(broker_url, 2, timeout_s=1.5) == 2
+        first, second = receiver.wait_for(2, timeout_s=10)
+        wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
+    gap = second.at - first.at
+    # Beyond anything the schedule alone gives: only the Retry-After explains it.
+    assert gap > SCHEDULED_WAIT_MAX_S + 1 and gap >= RETRY_AFTER_S - 0.1
 
 
-def test_429_retry_after_as_http_date_is_honoured(sessions: sessionmaker[Session],
-                                                 enqueue: Callable[[str], None]) -> None:
-    """A 429 whose Retry-After is an HTTP date 3 s ahead is not retried before then (the schedule says 1 s)."""
+def test_retry_due_hours_ahead_is_parked_in_the_broker_not_the_worker(
+        sessions: sessionmaker[Session], module_settings: Settings, tmp_path: Path) -> None:
+    """A 503 with Retry-After: 36000 under a one-day cap parks a 10-hour retry in the delayed queues: the
+    worker holds no task (neither reserved nor scheduled), and the delivery stays retrying until cancelled."""
     secret = make_secret()
-    retry_at = format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
-    with Receiver(secret, script=[Reply(429, headers={"retry-after": retry_at})]) as receiver:
+    capped_at_a_day = module_settings.model_copy(update={"retry_after_max_s": 86400.0})
+    with (Receiver(secret, script=[Reply(503, headers={"retry-after": "36000"})]) as receiver,
+          private_broker(capped_at_a_day, tmp_path / "worker.log") as (broker_url, app, worker)):
+        delivery_id = seed(sessions, receiver.url, secret)
+        app.send_task("tasks.deliver_webhook", args=[delivery_id], queue="webhooks")
+        delivery, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.RETRYING))
+        # The 10-hour retry and the 45-second recheck.
+        assert parked_within(broker_url, 2, timeout_s=3) == 2
+        node = f"{worker.name}@{socket.gethostname()}"
+        inspect = app.control.inspect(destination=[node], timeout=5)
+        assert inspect.reserved() == {node: []}
+        assert inspect.scheduled() == {node: []}
+        assert len(receiver.ledger) == 1 and load(sessions, delivery_id)[0].status == "retrying"
+        assert deliveries.cancel(sessions, delivery_id, "test over")
+    assert delivery.next_attempt_at is not None
+    wait_s = (delivery.next_attempt_at - attempts[0].started_at).total_seconds()
+    assert 36000 <= wait_s < 36010
+    assert load(sessions, delivery_id)[0].status == "cancelled"
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_429_retry_after_is_honoured(form: str, sessions: sessionmaker[Session],
+                                     enqueue: Callable[[str], None]) -> None:
+    """A 429 whose Retry-After asks for 4 s, in seconds or as an HTTP date, is not retried before then
+    (the schedule alone would wait 2 s at most)."""
+    secret = make_secret()
+    if form == "seconds":
+        retry_after = str(RETRY_AFTER_S)
+    else:
+        # A date has whole-second precision: one a second further ahead still asks for RETRY_AFTER_S at least.
+        retry_after = format_datetime(datetime.now(UTC) + timedelta(seconds=RETRY_AFTER_S + 1), usegmt=True)
+    with Receiver(secret, script=[Reply(429, headers={"retry-after": retry_after})]) as receiver:
         delivery_id = seed(sessions, receiver.url, secret)
         enqueue(delivery_id)
         first, second = receiver.wait_for(2, timeout_s=15)
         _, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.SUCCEEDED))
-    # The date has whole-second precision: it may be up to 1 s earlier than now + 3 s.
-    assert second.at - first.at >= 2.0
-    assert [(a.status_code, a.response_headers["retry-after"]) for a in attempts[:1]] == [(429, retry_at)]
+    gap = second.at - first.at
+    assert gap > SCHEDULED_WAIT_MAX_S + 1 and gap >= RETRY_AFTER_S - 0.1
+    assert [(a.status_code, a.response_headers["retry-after"]) for a in attempts[:1]] == [(429, retry_after)]
+
+
+def test_subscription_schedule_replaces_the_default(sessions: sessionmaker[Session],
+                                                    enqueue: Callable[[str], None]) -> None:
+    """A subscription's own retry_schedule [0, 3] decides: two attempts 3 s apart, then dead, where the
+    module's default would make three, at most 2 s apart."""
+    secret = make_secret()
+    with Receiver(secret, default=Reply(500)) as receiver:
+        delivery_id = seed(sessions, receiver.url, secret, retry_schedule=[0, 3])
+        enqueue(delivery_id)
+        _, attempts = wait_until(sessions, delivery_id, finished(DeliveryStatus.DEAD), timeout_s=20)
+        first, second = receiver.ledger
+    assert [a.number for a in attempts] == [1, 2]
+    gap = second.at - first.at
+    # 3 s less 20 % jitter, rounded up, is still 3 s: beyond anything the default schedule gives.
+    assert gap > SCHEDULED_WAIT_MAX_S + 0.5 and gap >= 2.9
 
 
 def test_410_gone_disables_the_subscription(sessions: sessionmaker[Session],
