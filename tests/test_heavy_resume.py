@@ -6,10 +6,12 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from schemas.jobs import import_event_id
 from schemas.keys import Scope
 from schemas.settings import Settings
+from tests.apiclient import Gateway
 from tests.heavystack import EventCounter, gateway, heavy_worker, ndjson_lines, pool_children, upload, wait_for_job
 
 LINES = 20_000
@@ -109,3 +111,34 @@ async def test_an_import_whose_pool_process_is_killed_is_retried_and_resumes(
     finally:
         worker.stop()
     assert "WorkerLostError" in worker.log_text()
+
+
+async def _advanced_past(gw: Gateway, job_id: str, lines: int) -> dict[str, Any]:
+    """The running job once its confirmed lines pass ``lines``: a run is under way and has published."""
+    while True:
+        running = await wait_for_job(gw, job_id, statuses=("running",))
+        if running["progress"]["lines_done"] > lines:
+            return running
+        await asyncio.sleep(0.05)
+
+
+async def test_an_import_whose_runs_are_lost_too_often_fails_saying_so(
+        broker_url: str, store_url: str, tmp_path: Path) -> None:
+    """With HOOKGATE_HEAVY_MAX_WORKER_LOST_RETRIES=1, a second lost run fails the job with a clear error."""
+    settings = _settings(broker_url, store_url, tmp_path, heavy_max_worker_lost_retries=1)
+    worker = heavy_worker(settings, tmp_path).start()
+    try:
+        async with gateway(settings) as gw:
+            job = await upload(gw, b"".join(ndjson_lines(LINES)), "ndjson")
+            seen = 0
+            for _ in range(2):
+                running = await _advanced_past(gw, job["id"], seen + 500)
+                (child,) = pool_children(worker.pid)
+                os.kill(child, signal.SIGKILL)
+                seen = running["progress"]["lines_done"]
+            done = await wait_for_job(gw, job["id"], timeout_s=60)
+    finally:
+        worker.stop()
+    assert done["status"] == "failed", done
+    assert done["error"] == "the job's task was lost (its worker died) too many times (2 runs)"
+    assert done["progress"]["lines_done"] < LINES
