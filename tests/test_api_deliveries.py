@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 
 import orjson
 import pytest
@@ -21,7 +22,18 @@ from schemas.ids import new_id
 from schemas.keys import Scope
 from schemas.settings import Settings
 from schemas.subscriptions import SubscriptionCreate
-from tests.apiclient import Gateway, assert_problem, connected_gateway, insert_delivery, insert_event
+from tests.apiclient import (
+    Gateway,
+    assert_problem,
+    connected_gateway,
+    delivery_status,
+    insert_delivery,
+    insert_event,
+)
+from tests.receiver import Receiver, make_secret
+from tests.seeding import add_subscription, wait_for
+from tests.vhosts import fresh_vhost
+from tests.workers import Worker
 
 
 @pytest.fixture
@@ -128,6 +140,32 @@ async def test_retry_reopens_a_dead_delivery_and_enqueues_it(gateway: Gateway, b
     again = await gateway.client.post(f"/v1/deliveries/{delivery_id}/retry", headers=gateway.auth(Scope.SUBSCRIPTIONS))
     assert "still pending" in assert_problem(again, 409)["detail"]
     assert queued_task_args(broker_url) == []
+
+
+async def test_retry_sends_a_succeeded_delivery_again(make_settings: Callable[..., Settings], store_url: str,
+                                                      tmp_path: Path) -> None:
+    """A succeeded delivery retried on demand is POSTed again by a worker, with its webhook-id, and succeeds."""
+    secret = make_secret()
+    # A vhost of its own: the worker's recheck, parked for a lease, would later land on the queue the
+    # module's other tests read.
+    with fresh_vhost() as broker_url:
+        settings = make_settings(database_url=store_url, broker_url=broker_url)
+        async with connected_gateway(settings) as gateway:
+            with Receiver(secret) as receiver, Worker(settings, tmp_path / "worker.log"):
+                sub = add_subscription(gateway.sessions, receiver.url, secret)
+                delivery_id = insert_delivery(gateway.sessions, event(gateway), sub, DeliveryStatus.SUCCEEDED,
+                                              [(200, None)])
+                response = await gateway.client.post(f"/v1/deliveries/{delivery_id}/retry",
+                                                      headers=gateway.auth(Scope.SUBSCRIPTIONS))
+                assert response.status_code == 202, response.text
+                assert response.json()["status"] == "pending"
+                (received,) = receiver.wait_for(1)
+                wait_for(lambda: delivery_status(gateway.sessions, delivery_id) == "succeeded", 10, "sent again")
+            with gateway.sessions() as session:
+                attempts = session.execute(select(Attempt.number, Attempt.status_code)
+                                           .where(Attempt.delivery_id == delivery_id).order_by(Attempt.number)).all()
+    assert received.verified and received.webhook_id == delivery_id
+    assert [tuple(a) for a in attempts] == [(1, 200), (2, 200)]
 
 
 async def test_retry_refusals(gateway: Gateway, broker_url: str) -> None:
