@@ -1,7 +1,8 @@
 """The router: consumes ``hookgate.ingest`` and turns each event into deliveries and Celery tasks.
 
 For a batch of messages: decode (dead-letter what cannot be decoded, with the reason in a
-header), persist new events and one delivery per matching subscription in one transaction
+header; a batch message, ``consumers.batches``, gives each of its events or is dead-lettered
+whole), persist new events and one delivery per matching subscription in one transaction
 (duplicates of (source, id) are not stored twice), publish one Celery task per delivery with
 publisher confirms, and only then ack. A crash anywhere before the ack redelivers the batch,
 and the store's uniqueness makes the second pass harmless.
@@ -27,6 +28,7 @@ from celery import Celery
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from consumers.batches import BATCH_MEDIA_TYPE, decode_batch
 from consumers.celery_app import make_celery
 from consumers.channels import TaskQueues, delivery_task_messages, task_queues
 from consumers.metrics import EVENTS_DEAD_LETTERED, EVENTS_DUPLICATE, EVENTS_ROUTED, serve_metrics
@@ -40,7 +42,7 @@ from schemas.events import CloudEvent, EnvelopeError, event_from_binary, event_f
 from schemas.ids import new_id
 from schemas.settings import Settings
 
-__all__ = ["Router", "decode_message", "run"]
+__all__ = ["Router", "decode_events", "decode_message", "run"]
 
 log = structlog.get_logger(__name__)
 
@@ -54,22 +56,41 @@ _CE_PREFIXES = ("cloudEvents:", "cloudEvents_")
 def decode_message(body: bytes, headers: dict[str, Any], content_type: str | None, message_id: str | None,
                    app_id: str | None, max_bytes: int) -> CloudEvent:
     """Decode one AMQP message: our JSON (plain or structured), or the CloudEvents AMQP binary binding."""
-    if len(body) > max_bytes:
-        raise EnvelopeError(f"the message body is {len(body)} bytes, over the limit of {max_bytes}")
-    attributes = {
-        key[len(prefix):]: _text(value)
-        for key, value in headers.items()
-        for prefix in _CE_PREFIXES
-        if key.startswith(prefix)
-    }
+    _check_size(body, max_bytes)
+    try:
+        attributes = {
+            key[len(prefix):]: _text(value)
+            for key, value in headers.items()
+            for prefix in _CE_PREFIXES
+            if key.startswith(prefix)
+        }
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError(f"a cloudEvents attribute is not UTF-8: {exc}") from exc
     if attributes:
         return event_from_binary(attributes, body, content_type)
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise EnvelopeError(f"the message body is not JSON: {exc}") from exc
-    return event_from_json(obj, default_id=message_id or None,
-                           default_source=f"urn:hookgate:amqp:{app_id}" if app_id else "urn:hookgate:amqp")
+    return event_from_json(obj, default_id=message_id or None, default_source=_amqp_source(app_id))
+
+
+def decode_events(body: bytes, headers: dict[str, Any], content_type: str | None, message_id: str | None,
+                  app_id: str | None, max_bytes: int) -> list[CloudEvent]:
+    """One AMQP message's events: each of a batch message (``consumers.batches``), or the one of any other."""
+    if content_type != BATCH_MEDIA_TYPE:
+        return [decode_message(body, headers, content_type, message_id, app_id, max_bytes)]
+    _check_size(body, max_bytes)
+    return decode_batch(body, message_id=message_id or None, default_source=_amqp_source(app_id))
+
+
+def _check_size(body: bytes, max_bytes: int) -> None:
+    if len(body) > max_bytes:
+        raise EnvelopeError(f"the message body is {len(body)} bytes, over the limit of {max_bytes}")
+
+
+def _amqp_source(app_id: str | None) -> str:
+    return f"urn:hookgate:amqp:{app_id}" if app_id else "urn:hookgate:amqp"
 
 
 def _text(value: Any) -> str:
@@ -155,14 +176,14 @@ class Router:
         dead: list[OutgoingMessage] = []
         for message in batch:
             try:
-                event = decode_message(message.body, dict(message.headers or {}), message.content_type,
-                                       message.message_id, message.app_id, self._settings.max_body_bytes)
+                decoded = decode_events(message.body, dict(message.headers or {}), message.content_type,
+                                        message.message_id, message.app_id, self._settings.max_body_bytes)
             except EnvelopeError as exc:
                 dead.append(_dead_letter(message, exc.detail))
                 with structlog.contextvars.bound_contextvars(message_id=message.message_id):
                     log.warning("event_dead_lettered", reason=exc.detail)
                 continue
-            received.append((message, event))
+            received.extend((message, event) for event in decoded)
         events = [(event, event.to_json()) for _, event in received]
         if dead:
             await self._publisher.publish(dead)

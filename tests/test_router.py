@@ -12,6 +12,7 @@ import pytest
 from kombu import Connection, Message, Queue
 from sqlalchemy import func, select
 
+from consumers.batches import BATCH_MEDIA_TYPE
 from consumers.celery_app import make_celery
 from consumers.publisher import ConfirmingPublisher
 from consumers.router import Router
@@ -216,3 +217,56 @@ async def test_deliveries_are_enqueued_in_batches(make_settings: Callable[..., S
     batches = [orjson.loads(t.body)[0][0] for t in tasks]
     assert sorted(len(b) for b in batches) == [1, 4]
     assert len(delivery_ids) == 5 and delivery_ids == {i for b in batches for i in b}
+
+
+async def test_a_batch_message_is_each_of_its_events_stored_once_and_routed(router: RouterHarness) -> None:
+    """A cloudevents-batch message gives one event per element, deduplicated on (source, id), ids from the message."""
+    _add_subscription(router.sessions, ["order.*"])
+    already = event_from_json({"type": "order.paid", "source": "shop", "id": "stored-before"})
+    persist_events(router.sessions, [(already, already.to_json())], [])
+    batch = [{"specversion": "1.0", "type": "order.paid", "source": "shop", "id": "b-1", "data": {"n": 1}},
+             {"type": "order.paid", "source": "shop", "data": {"n": 2}},
+             {"type": "order.paid", "source": "shop", "id": "b-1"},
+             {"type": "order.shipped", "source": "shop", "id": "stored-before"},
+             {"type": "order.shipped", "id": "b-4"}]
+    router.publish(orjson.dumps(batch), "order.paid", content_type=BATCH_MEDIA_TYPE, message_id="m-7")
+    await router.wait_for(lambda: router.count(Event) == 4)
+    with router.sessions() as session:
+        stored = {(e.source, e.id): orjson.loads(e.body)["data"] for e in session.scalars(select(Event))}
+    assert stored == {("shop", "b-1"): {"n": 1}, ("shop", "m-7:1"): {"n": 2}, ("shop", "stored-before"): None,
+                      ("urn:hookgate:amqp", "b-4"): None}
+    # The three new events match the subscription; the one stored before routing is not routed again.
+    assert router.count(Delivery) == 3
+    assert not _drain(router.settings.broker_url, dead_queue)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"type": "x.y", "source": "s"}', "non-empty JSON array"),
+        (b"[]", "non-empty JSON array"),
+        (b"[{\"type\": \"x.y\", \"source\": \"s\"}, ", "not JSON"),
+        (b'[{"type": "x.y", "source": "s", "id": "ok"}, {"type": "has space", "source": "s"}]', "event 1 of the batch"),
+        (b'[{"type": "x.y", "source": "s", "id": "ok"}, 5]', "event 1 of the batch: an event must be a JSON object"),
+        (b'[{"type": "x.y", "source": "s", "data": "' + b"a" * 300_000 + b'"}]', "over the limit"),
+    ],
+)
+async def test_a_malformed_batch_is_dead_lettered_whole_with_its_reason(router: RouterHarness, body: bytes,
+                                                                        reason: str) -> None:
+    """A batch with any bad element stores none of its events and lands whole in hookgate.dead with the reason."""
+    _add_subscription(router.sessions, ["#"])
+    router.publish(body, "x.y", content_type=BATCH_MEDIA_TYPE, message_id="bad-batch")
+    router.publish(orjson.dumps([{"type": "ok.after", "source": "s", "id": "after"}]), "ok.after",
+                   content_type=BATCH_MEDIA_TYPE)
+    await router.wait_for(lambda: router.count(Delivery) == 1)
+    dead: list[Message] = []
+
+    def dead_arrived() -> bool:
+        dead.extend(_drain(router.settings.broker_url, dead_queue))
+        return bool(dead)
+
+    await router.wait_for(dead_arrived)
+    assert len(dead) == 1
+    assert reason in dead[0].headers[topology.ERROR_HEADER]
+    assert dead[0].body == body and dead[0].properties["message_id"] == "bad-batch"
+    assert router.count(Event) == 1
