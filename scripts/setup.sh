@@ -63,6 +63,19 @@ start_rabbitmq() {
     say "RabbitMQ answers on 127.0.0.1:5672"
 }
 
+# The gateway reads hookgate_queue_messages_unacknowledged from RabbitMQ's management API; the
+# tests point HOOKGATE_BROKER_MANAGEMENT_URL at it.
+enable_rabbitmq_management() {
+    if ! port_open 15672; then
+        say "enabling RabbitMQ's management plugin"
+        as_root rabbitmq-plugins enable rabbitmq_management >/dev/null
+        local _
+        for _ in $(seq 60); do port_open 15672 && break; sleep 1; done
+        port_open 15672 || die "the management plugin is enabled but nothing answers on 127.0.0.1:15672"
+    fi
+    say "RabbitMQ's management API answers on 127.0.0.1:15672"
+}
+
 start_postgresql() {
     if port_open 5432; then
         say "PostgreSQL answers on 127.0.0.1:5432"
@@ -140,6 +153,7 @@ setup_venv() {
 
 install_packages
 start_rabbitmq
+enable_rabbitmq_management
 start_postgresql
 allow_test_connections
 setup_venv

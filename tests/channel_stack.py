@@ -31,15 +31,17 @@ __all__ = ["ChannelStack"]
 
 
 class ChannelStack:
-    """Gateway, router and one `hookgate worker -Q QUEUES` per named role (its env has TEST_WORKER_ROLE)."""
+    """Gateway, router and one `hookgate worker -Q QUEUES` per named role (its env has TEST_WORKER_ROLE and
+    ``worker_env``)."""
 
-    def __init__(self, settings: Settings, log_dir: Path, workers: Mapping[str, str]) -> None:
+    def __init__(self, settings: Settings, log_dir: Path, workers: Mapping[str, str],
+                 worker_env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
         self.settings = settings.model_copy(update={"port": self.port})
         self.log_dir = log_dir
         self.workers = {
             role: Hookgate(self.settings, log_dir / f"worker-{role}.log", "worker", "-Q", queues, "-c", "2",
-                           extra_env={"TEST_WORKER_ROLE": role})
+                           extra_env={"TEST_WORKER_ROLE": role, **(worker_env or {})})
             for role, queues in workers.items()
         }
         self.processes = [Hookgate(self.settings, log_dir / "serve.log", "serve", "--port", str(self.port)),
