@@ -310,3 +310,31 @@ def test_announcement_the_broker_refuses_is_kept_and_sent_by_the_sweep(
             wait_for(lambda: statuses(sessions, watcher) == {"succeeded": 1}, 10, "notice recorded")
     assert notice.verified and notice.json()["type"] == "hookgate.subscription.paused"
     assert notice.json()["data"] == {"subscription_id": "sub-1", "reason": "5 of the last 5 failed"}
+
+
+def test_slow_endpoint_under_max_in_flight_leaves_threads_for_a_healthy_one(
+        settings: Settings, sessions: sessionmaker[Session], sender: Celery, tmp_path: Path) -> None:
+    """Forty sends to an endpoint taking 30 s, queued first, with max_in_flight=4 below each process's eight
+    sending threads: the healthy endpoint's deliveries arrive before the first slow answer."""
+    # Eight threads per process make saturation cheap to reach; without the limit the forty would take all
+    # sixteen and the healthy tasks would wait 30 s behind them. A lease longer than the 30-s send.
+    few_threads = settings.model_copy(update={"webhook_concurrency": 8, "webhook_timeout_s": 40.0,
+                                              "task_time_limit_s": 60})
+    secret = make_secret()
+    # The receivers close first, cutting the slow requests short, so the worker stops without waiting on them.
+    with (
+        start_worker(few_threads, tmp_path, "w1"),
+        Receiver(secret, default=Reply(200, delay_s=30)) as slow,
+        Receiver(secret) as healthy,
+    ):
+        slow_subscription = add_subscription(sessions, slow.url, secret, max_in_flight=4)
+        for _ in range(40):
+            sender.send_task("tasks.deliver_webhook", args=[add_delivery(sessions, slow_subscription)],
+                             queue="webhooks")
+        slow.wait_for(1)
+        healthy_ids = [add_delivery(sessions, add_subscription(sessions, healthy.url, secret)) for _ in range(5)]
+        sender.send_task("tasks.deliver_webhooks", args=[healthy_ids], queue="webhooks")
+        healthy.wait_for(5, timeout_s=20)
+        slow_requests = slow.ledger
+    assert max(r.at for r in healthy.ledger) < min(r.at for r in slow_requests) + 30
+    assert len(slow_requests) == 4
