@@ -10,13 +10,13 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ import yaml
 from gateway.cli import main
 from schemas import topology
 from schemas.settings import Settings
+from tests.vhosts import fresh_vhost
+from tests.workers import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S_BASE = DEPLOY / "k8s" / "base"
@@ -44,8 +46,12 @@ KUBERNETES_VERSION = "1.30"
 # Celery's time limits on the heavy queue (the issue's defaults), in seconds.
 HEAVY_SOFT_LIMIT_S = 540
 HEAVY_HARD_LIMIT_S = 600
-HEAVY_ENV = {"HOOKGATE_TASK_SOFT_TIME_LIMIT_S": str(HEAVY_SOFT_LIMIT_S),
-             "HOOKGATE_TASK_TIME_LIMIT_S": str(HEAVY_HARD_LIMIT_S)}
+# The settings the heavy tasks read their limits from (consumers/tasks/heavy.py).
+HEAVY_ENV = {"HOOKGATE_HEAVY_SOFT_TIME_LIMIT_S": str(HEAVY_SOFT_LIMIT_S),
+             "HOOKGATE_HEAVY_TIME_LIMIT_S": str(HEAVY_HARD_LIMIT_S)}
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Mounts that are empty at each start of the process (prometheus-client's multiprocess mode needs one).
+FRESH_MOUNTS = ("tmpfs", "emptyDir", "RuntimeDirectory")
 # The queues the deploy files run a worker for: the built-in ones and an example custom queue.
 DEPLOYED_QUEUES = ("webhooks", "email", "heavy", "billing")
 SETTING_NAMES = {f"HOOKGATE_{name.upper()}" for name in Settings.model_fields}
@@ -68,11 +74,11 @@ def env_file(path: Path) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
-def unit_file(path: Path) -> dict[str, dict[str, list[str]]]:
-    """A systemd unit as section -> key -> values (keys such as EnvironmentFile may repeat)."""
+def unit_file(path: Path, instance: str = "") -> dict[str, dict[str, list[str]]]:
+    """A systemd unit as section -> key -> values (keys such as EnvironmentFile may repeat), %i as ``instance``."""
     sections: dict[str, dict[str, list[str]]] = {}
     current: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text().replace("%i", instance).splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         if line.startswith("["):
@@ -122,24 +128,106 @@ def hookgate_containers(documents: list[dict[str, Any]]) -> Iterator[dict[str, A
             yield from (c for c in doc["spec"]["template"]["spec"]["containers"] if c["image"] == "hookgate")
 
 
-def systemd_commands() -> Iterator[list[str]]:
-    """Each unit's ExecStart as the argv after the hookgate executable, with %i as the webhooks queue."""
-    for path in sorted(SYSTEMD.glob("*.service")):
-        for line in unit_file(path)["Service"]["ExecStart"]:
-            executable, *argv = shlex.split(line.replace("%i", topology.WEBHOOKS_QUEUE))
-            assert executable == "/opt/hookgate/bin/hookgate", path.name
-            yield argv
-
-
-def deploy_commands() -> list[list[str]]:
-    """Every hookgate command line in compose, systemd and Kubernetes."""
-    from_compose = [svc["command"] for svc in hookgate_services().values()]
-    from_k8s = [c["args"] for c in hookgate_containers(k8s_base())]
-    return [*from_compose, *systemd_commands(), *from_k8s]
-
-
 def worker_queue(argv: list[str]) -> str:
     return argv[argv.index("-Q") + 1]
+
+
+def consumed_queue(argv: list[str]) -> str:
+    """The queue a router or worker command consumes."""
+    return topology.INGEST_QUEUE if argv[0] == "router" else worker_queue(argv)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """One hookgate process as a deploy file runs it."""
+
+    argv: list[str]
+    env: dict[str, str]
+    stop_grace_s: float
+    # What is mounted where: "volume:NAME", "pvc:NAME", "tmpfs", "emptyDir", "RuntimeDirectory" or "host".
+    mounts: dict[str, str] = field(default_factory=dict)
+    # The ports others may reach; None: the host's network, every port.
+    ports: frozenset[int] | None = None
+
+    def mount_of(self, path: str) -> str:
+        """What holds ``path``: the deepest mount above it."""
+        above = [mount for mount in self.mounts if path == mount or path.startswith(mount.rstrip("/") + "/")]
+        assert above, f"{path} is on no mount of {self.argv}"
+        return self.mounts[max(above, key=len)]
+
+
+def compose_processes() -> dict[str, Deployed]:
+    """Each hookgate service of compose.yaml, with env.example as its .env."""
+    dotenv = env_file(DEPLOY / "env.example")
+    named = set(compose()["volumes"])
+    processes = {}
+    for name, svc in hookgate_services().items():
+        mounts = {path: "tmpfs" for path in svc.get("tmpfs", [])}
+        for volume in svc.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            mounts[target] = f"volume:{source}" if source in named else f"bind:{source}"
+        published = [str(port).rsplit(":", 1)[-1] for port in svc.get("ports", [])]  # the container's side
+        processes[name] = Deployed(svc["command"], {**dotenv, **svc.get("environment", {})},
+                                   duration_s(svc.get("stop_grace_period", "10s")), mounts,
+                                   frozenset(int(port) for port in [*svc.get("expose", []), *published]))
+    return processes
+
+
+def k8s_processes() -> dict[str, Deployed]:
+    """Each hookgate Deployment of the kustomize base (its one container), with the ConfigMap and Secret."""
+    base = k8s_base()
+    shared = {**by_kind(base, "ConfigMap")["hookgate-config"]["data"],
+              **by_kind(base, "Secret")["hookgate-secrets"]["stringData"]}
+    processes = {}
+    for name, deployment in by_kind(base, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+        mounts = {}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            mounts[mount["mountPath"]] = f"pvc:{claim}" if claim else "emptyDir" if "emptyDir" in volume else "other"
+        env = {**shared, **{var["name"]: var["value"] for var in container.get("env", [])}}
+        ports = frozenset(port["containerPort"] for port in container.get("ports", []))
+        processes[name] = Deployed(container["args"], env, pod["terminationGracePeriodSeconds"], mounts, ports)
+    return processes
+
+
+def systemd_processes() -> dict[str, Deployed]:
+    """Each unit's ExecStart (the worker template once per deployed queue) with its environment as systemd sets it."""
+    units = {path.stem: (path, "") for path in SYSTEMD.glob("*.service") if "@" not in path.name}
+    units |= {f"hookgate-worker@{queue}": (SYSTEMD / "hookgate-worker@.service", queue) for queue in DEPLOYED_QUEUES}
+    processes = {}
+    for name, (path, instance) in sorted(units.items()):
+        service = unit_file(path, instance)["Service"]
+        [line] = service["ExecStart"]
+        executable, *argv = shlex.split(line)
+        assert executable == "/opt/hookgate/bin/hookgate", name
+        env = dict(assignment.split("=", 1) for assignment in service.get("Environment", []))
+        # EnvironmentFile= overrides Environment=; a leading "-" lets the file be missing.
+        for entry in service["EnvironmentFile"]:
+            installed = Path(entry.removeprefix("-"))
+            example = SYSTEMD / f"{installed.name}.example"
+            assert example.exists() or entry.startswith("-"), f"{name}: no example of {installed}"
+            env |= env_file(example) if example.exists() else {}
+        mounts = {f"/run/{directory}": "RuntimeDirectory" for directory in service.get("RuntimeDirectory", [])}
+        mounts |= {directory: "host" for directory in service["ReadWritePaths"]}
+        stop_s = duration_s(service.get("TimeoutStopSec", ["90s"])[0])  # systemd's default
+        processes[name] = Deployed(argv, env, stop_s, mounts)
+    return processes
+
+
+def every_deployed_process() -> dict[str, dict[str, Deployed]]:
+    return {"compose": compose_processes(), "k8s": k8s_processes(), "systemd": systemd_processes()}
+
+
+def settings_of(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings a process started with ``env`` reads (raises on a value it would refuse at start)."""
+    with monkeypatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        return Settings()
 
 
 def test_compose_matches_the_compose_specification() -> None:
@@ -167,7 +255,6 @@ def test_compose_runs_each_process_as_the_issue_asks() -> None:
             assert duration_s(svc["stop_grace_period"]) > HEAVY_SOFT_LIMIT_S, name
     assert services["beat"]["deploy"]["replicas"] == 1
     assert "/readyz" in " ".join(services["gateway"]["healthcheck"]["test"])
-    assert services["worker-heavy"]["environment"] == HEAVY_ENV
     mounts = {v.split(":")[1]: v.split(":")[0] for v in compose()["services"]["rabbitmq"]["volumes"]}
     assert (DEPLOY / mounts["/etc/rabbitmq/definitions.json"]).resolve() == DEPLOY / "rabbitmq" / "definitions.json"
     assert "flower" in compose()["services"]
@@ -181,7 +268,7 @@ def test_kubernetes_manifests_validate() -> None:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     assert {doc["kind"] for doc in builtin} == {
         "ConfigMap", "Secret", "Job", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-        "Namespace"}
+        "PersistentVolumeClaim", "Namespace"}
 
 
 def test_kubernetes_overlay_patches_existing_resources() -> None:
@@ -218,8 +305,8 @@ def test_kubernetes_workloads_have_their_guards() -> None:
         "migrate"]
 
 
-def test_keda_scaled_objects_scale_each_worker_on_its_queue() -> None:
-    """Each worker Deployment has a KEDA ScaledObject with its required fields, on the length of its own queue."""
+def test_keda_scaled_objects_scale_the_router_and_each_worker_on_its_queue() -> None:
+    """The router and each worker Deployment have a KEDA ScaledObject on the length of the queue they consume."""
     documents = k8s_base()
     deployments = by_kind(documents, "Deployment")
     auths = by_kind(documents, "TriggerAuthentication")
@@ -227,12 +314,14 @@ def test_keda_scaled_objects_scale_each_worker_on_its_queue() -> None:
     for auth in auths.values():
         assert {ref["key"] for ref in auth["spec"]["secretTargetRef"]} <= secret_keys
     scaled = by_kind(documents, "ScaledObject")
-    assert len(scaled) == len(DEPLOYED_QUEUES)
+    targets = {obj["spec"]["scaleTargetRef"]["name"] for obj in scaled.values()}
+    assert targets == {"hookgate-router", *(f"hookgate-worker-{queue}" for queue in DEPLOYED_QUEUES)}
+    assert len(targets) == len(scaled)
     for name, obj in scaled.items():
         assert obj["apiVersion"] == "keda.sh/v1alpha1"
         spec = obj["spec"]
         target = deployments[spec["scaleTargetRef"]["name"]]
-        queue = worker_queue(target["spec"]["template"]["spec"]["containers"][0]["args"])
+        queue = consumed_queue(target["spec"]["template"]["spec"]["containers"][0]["args"])
         assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], name
         assert "replicas" not in target["spec"], f"{name}: KEDA owns the replica count"
         [trigger] = spec["triggers"]
@@ -241,6 +330,8 @@ def test_keda_scaled_objects_scale_each_worker_on_its_queue() -> None:
         assert trigger["metadata"]["mode"] == "QueueLength"
         assert int(trigger["metadata"]["value"]) > 0
         assert trigger["authenticationRef"]["name"] in auths
+    # The router's budget keeps one running: its autoscaler must never go below two.
+    assert scaled["hookgate-router"]["spec"]["minReplicaCount"] >= 2
 
 
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -273,6 +364,8 @@ def test_systemd_units_are_hardened_and_restart() -> None:
     assert unit_file(SYSTEMD / "hookgate-migrate.service")["Service"]["Type"] == ["oneshot"]
     worker = unit_file(SYSTEMD / "hookgate-worker@.service")["Service"]
     assert duration_s(worker["TimeoutStopSec"][0]) > HEAVY_HARD_LIMIT_S
+    examples = {path.name for path in SYSTEMD.glob("worker-*.env.example")}
+    assert examples == {f"worker-{queue}.env.example" for queue in DEPLOYED_QUEUES}
 
 
 def test_dockerfile_passes_hadolint_and_our_rules() -> None:
@@ -337,27 +430,82 @@ def test_rabbitmq_settings_and_password_agree_with_the_env_files() -> None:
 
 def test_deploy_files_use_only_commands_and_settings_the_code_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every hookgate command line parses with the real CLI, and every HOOKGATE_* name and value is a valid setting."""
-    commands = deploy_commands()
-    assert {argv[0] for argv in commands} == {"serve", "router", "worker", "beat", "migrate"}
-    for argv in commands:
-        command = main.get_command(click.Context(main), argv[0])
-        assert command is not None, argv
-        command.make_context(argv[0], list(argv[1:]))  # raises click.UsageError on anything it would refuse
+    processes = [*(process for deploy in every_deployed_process().values() for process in deploy.values()),
+                 *(Deployed(c["args"], {}, 0) for c in hookgate_containers(k8s_base()))]  # the migration Job too
+    assert {process.argv[0] for process in processes} == {"serve", "router", "worker", "beat", "migrate"}
+    for process in processes:
+        command = main.get_command(click.Context(main), process.argv[0])
+        assert command is not None, process.argv
+        command.make_context(process.argv[0], list(process.argv[1:]))  # raises click.UsageError on anything it refuses
+        settings_of(process.env, monkeypatch)
     used = set()
     for path in DEPLOY.rglob("*"):
         if path.is_file():
             used |= set(re.findall(r"\bHOOKGATE_[A-Z0-9_]+", path.read_text()))
     assert used - SETTING_NAMES == set()
-    base = k8s_base()
-    k8s_env = {**by_kind(base, "ConfigMap")["hookgate-config"]["data"],
-               **by_kind(base, "Secret")["hookgate-secrets"]["stringData"]}
-    systemd_env = {**env_file(SYSTEMD / "hookgate.env.example"), **env_file(SYSTEMD / "worker-heavy.env.example")}
-    for environment in (env_file(DEPLOY / "env.example"), k8s_env, systemd_env, HEAVY_ENV):
-        with monkeypatch.context() as patch:
-            for key, value in environment.items():
-                patch.setenv(key, value)
-            Settings()  # raises on a value the processes would refuse at start
-    assert env_file(SYSTEMD / "worker-heavy.env.example") == HEAVY_ENV
+
+
+def test_heavy_workers_get_the_heavy_limits_and_outlast_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heavy workers set the HEAVY_ time limits and stop slower than the hard one; all know the broker's timeout."""
+    consumer_timeout_ms = int(env_file(DEPLOY / "rabbitmq" / "rabbitmq.conf")["consumer_timeout"])
+    for deploy, processes in every_deployed_process().items():
+        for name, process in processes.items():
+            settings = settings_of(process.env, monkeypatch)
+            assert settings.broker_consumer_timeout_s * 1000 == consumer_timeout_ms, f"{deploy} {name}"
+            # Time limits of another setting (HOOKGATE_TASK_*) would leave the heavy tasks on their defaults.
+            limits = {key: value for key, value in process.env.items() if "TIME_LIMIT" in key}
+            if process.argv[0] == "worker" and worker_queue(process.argv) == topology.HEAVY_QUEUE:
+                assert limits == HEAVY_ENV, f"{deploy} {name}"
+                assert process.stop_grace_s > settings.heavy_time_limit_s, f"{deploy} {name}"
+            else:
+                assert limits == {}, f"{deploy} {name}: the heavy limits belong to the heavy workers"
+
+
+def test_each_deployed_process_exposes_its_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Router and workers serve metrics on a reachable port; gateway and workers count in a fresh multiprocess dir."""
+    for deploy, processes in every_deployed_process().items():
+        worker_ports = []
+        for name, process in processes.items():
+            settings = settings_of(process.env, monkeypatch)
+            port = {"router": settings.router_metrics_port, "worker": settings.worker_metrics_port,
+                    "serve": settings.port}.get(process.argv[0])
+            if port is None:
+                continue  # beat and migrate count nothing
+            assert port, f"{deploy} {name}: metrics off"
+            assert process.ports is None or port in process.ports, f"{deploy} {name}: {port} not exposed"
+            if process.argv[0] != "serve":  # the gateway's --host is its own
+                assert settings.host == "0.0.0.0", f"{deploy} {name}: metrics reachable only from the same host"
+            # uvicorn workers (HOOKGATE_HTTP_WORKERS) and prefork children count in processes of their own.
+            assert process.mount_of(process.env.get(MULTIPROC_ENV, "/unset")) in FRESH_MOUNTS, f"{deploy} {name}"
+            if process.argv[0] == "worker":
+                worker_ports.append(port)
+        if deploy == "systemd":  # one host: each worker needs a port of its own
+            assert len(set(worker_ports)) == len(worker_ports) == len(DEPLOYED_QUEUES)
+    for deployment in by_kind(k8s_base(), "Deployment").values():
+        template = deployment["spec"]["template"]
+        args = template["spec"]["containers"][0]["args"]
+        if args[0] in ("router", "worker"):
+            metrics_port = next(p["containerPort"] for p in template["spec"]["containers"][0]["ports"]
+                                if p["name"] == "metrics")
+            assert template["metadata"]["annotations"] == {
+                "prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port),
+                "prometheus.io/path": "/metrics"}
+
+
+def test_gateway_and_heavy_workers_share_the_files_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOOKGATE_FILES_DIR is one path on one shared volume for the gateway and the heavy workers in every deploy."""
+    claims = by_kind(k8s_base(), "PersistentVolumeClaim")
+    for deploy, processes in every_deployed_process().items():
+        gateway = next(p for p in processes.values() if p.argv[0] == "serve")
+        heavy = next(p for p in processes.values()
+                     if p.argv[0] == "worker" and worker_queue(p.argv) == topology.HEAVY_QUEUE)
+        files_dir = str(settings_of(gateway.env, monkeypatch).files_dir)
+        assert str(settings_of(heavy.env, monkeypatch).files_dir) == files_dir, deploy
+        mount = gateway.mount_of(files_dir)
+        assert heavy.mount_of(files_dir) == mount, deploy
+        assert mount.split(":")[0] in ("volume", "pvc", "host"), f"{deploy}: {mount} is one pod's or container's own"
+        if mount.startswith("pvc:"):
+            assert claims[mount.removeprefix("pvc:")]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def rabbitmqctl_output(*args: str) -> str:
@@ -394,12 +542,6 @@ def deploy_broker_url() -> Iterator[str]:
         subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     """Call ``check`` until it returns true, or fail naming ``what``."""
     deadline = time.monotonic() + timeout_s
@@ -413,33 +555,64 @@ def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> N
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_processes_start_as_compose_runs_them(deploy_broker_url: str, pg_database: str, tmp_path: Path) -> None:
-    """Compose's commands and env file, under definitions.json's permissions, migrate, serve, route and work."""
+def local_services(broker_url: str, pg_database: str, tmp_path: Path) -> dict[str, str]:
+    """Where the deploy files' services are on this machine: a broker, an emptied database, a port, directories."""
     with psycopg.connect(pg_database, autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    port = free_port()
+    return {"HOOKGATE_BROKER_URL": broker_url,
+            "HOOKGATE_DATABASE_URL": pg_database.replace("postgresql://", "postgresql+psycopg://", 1),
+            "HOOKGATE_PORT": str(free_port()), "HOOKGATE_HOST": "127.0.0.1",
+            "HOOKGATE_STATE_DIR": str(tmp_path), "HOOKGATE_FILES_DIR": str(tmp_path / "files")}
+
+
+def local_env(name: str, process: Deployed, where: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """``process``'s environment with only where things are changed: ``where``, free metrics ports, and an empty
+    directory of its own for prometheus-client (the deploy file's fresh mount)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HOOKGATE_") or k.startswith("HOOKGATE_TEST_")}
-    deployed = {k: v for k, v in env_file(DEPLOY / "env.example").items() if k.startswith("HOOKGATE_")}
-    env = {**clean, **deployed,
-           # Only where the services are differs here: this machine's RabbitMQ, PostgreSQL and a free port.
-           "HOOKGATE_BROKER_URL": deploy_broker_url,
-           "HOOKGATE_DATABASE_URL": pg_database.replace("postgresql://", "postgresql+psycopg://", 1),
-           "HOOKGATE_PORT": str(port), "HOOKGATE_STATE_DIR": str(tmp_path)}
-    services = hookgate_services()
-    commands = {name: [str(BIN / "hookgate"), *svc["command"]] for name, svc in services.items()}
-    migrated = subprocess.run(commands["migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    deployed = {k: v for k, v in process.env.items() if k.startswith("HOOKGATE_") or k == MULTIPROC_ENV}
+    env = {**clean, **deployed, **where}
+    # In containers every process has the port to itself; here they share one host.
+    for key in ("HOOKGATE_ROUTER_METRICS_PORT", "HOOKGATE_WORKER_METRICS_PORT"):
+        if env.get(key, "0") != "0":
+            env[key] = str(free_port())
+    if MULTIPROC_ENV in env:
+        directory = tmp_path / name / "prometheus"
+        directory.mkdir(parents=True)
+        env[MULTIPROC_ENV] = str(directory)
+    return env
+
+
+def metrics_text(url: str, headers: dict[str, str] | None = None) -> str:
+    response = httpx.get(url, headers=headers)
+    assert response.status_code == 200, f"{url}: {response.status_code}"
+    return response.text
+
+
+def start_as_deployed(processes: dict[str, Deployed], where: dict[str, str], tmp_path: Path) -> None:
+    """Migrate, then run every other process as deployed, and check each does its part.
+
+    The gateway turns ready, the router stores a posted event, every worker answers a ping, each serves
+    its metrics (the gateway's and the router's count the event, whichever process counted it), and no
+    process exits or logs an error, a refused permission or a missing multiprocess directory.
+    """
+    envs = {name: local_env(name, process, where, tmp_path) for name, process in processes.items()}
+    [migrate] = [name for name, process in processes.items() if process.argv[0] == "migrate"]
+    [gateway] = [name for name, process in processes.items() if process.argv[0] == "serve"]
+    workers = [name for name, process in processes.items() if process.argv[0] == "worker"]
+    migrated = subprocess.run([str(BIN / "hookgate"), *processes[migrate].argv], env=envs[migrate], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
     assert migrated.returncode == 0, migrated.stderr
-    processes: dict[str, subprocess.Popen[bytes]] = {}
+    running: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for name in services.keys() - {"migrate"}:  # one of each: replicas only repeat the same command
+        for name in processes.keys() - {migrate}:  # one of each: replicas only repeat the same command
             with (tmp_path / f"{name}.log").open("wb") as log:
-                processes[name] = subprocess.Popen(commands[name], env={**env, **services[name].get("environment", {})},
-                                                   cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
+                running[name] = subprocess.Popen([str(BIN / "hookgate"), *processes[name].argv], env=envs[name],
+                                                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
+        base = f"http://127.0.0.1:{where['HOOKGATE_PORT']}"
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, "the gateway's /readyz")
-        created = subprocess.run([str(BIN / "hookgate"), "keys", "create", "deploy", "--scope", "admin"], env=env,
-                                 cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        created = subprocess.run([str(BIN / "hookgate"), "keys", "create", "deploy", "--scope", "admin"],
+                                 env=envs[gateway], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert created.returncode == 0, created.stderr
         headers = {"Authorization": f"Bearer {created.stdout.splitlines()[-1]}"}
         posted = httpx.post(f"{base}/v1/events", headers=headers,
@@ -451,24 +624,47 @@ def test_processes_start_as_compose_runs_them(deploy_broker_url: str, pg_databas
 
         def workers_answer() -> bool:
             ping = subprocess.run([sys.executable, "-m", "celery", "-A", "consumers.celery_app:celery_app",
-                                   "inspect", "ping", "--timeout", "2"], env=env, cwd=DEPLOY.parent,
+                                   "inspect", "ping", "--timeout", "2"], env=envs[gateway], cwd=DEPLOY.parent,
                                   capture_output=True, text=True, timeout=60)
-            return ping.returncode == 0 and ping.stdout.count("pong") == len(DEPLOYED_QUEUES)
+            return ping.returncode == 0 and ping.stdout.count("pong") == len(workers)
 
-        wait_for(workers_answer, "a worker per queue to answer celery inspect ping")
-        exited = {name: process.poll() for name, process in processes.items() if process.poll() is not None}
-        logs = {name: (tmp_path / f"{name}.log").read_text(errors="replace") for name in processes}
+        wait_for(workers_answer, "every worker to answer celery inspect ping")
+        # Several uvicorn workers each count their own requests: whichever answers, the sum is 1 only through the
+        # multiprocess directory.
+        for _ in range(4):
+            accepted = metrics_text(f"{base}/metrics", headers)
+            assert 'hookgate_events_accepted_total{outcome="accepted"} 1.0' in accepted
+        router_port = next(envs[name]["HOOKGATE_ROUTER_METRICS_PORT"] for name in processes
+                           if processes[name].argv[0] == "router")
+        assert "hookgate_events_routed_total 1.0" in metrics_text(f"http://127.0.0.1:{router_port}/metrics")
+        for name in workers:
+            port = envs[name]["HOOKGATE_WORKER_METRICS_PORT"]
+            assert "# TYPE hookgate_" in metrics_text(f"http://127.0.0.1:{port}/metrics"), name
+        exited = {name: process.poll() for name, process in running.items() if process.poll() is not None}
+        logs = {name: (tmp_path / f"{name}.log").read_text(errors="replace") for name in running}
         assert exited == {}, {name: logs[name][-2000:] for name in exited}
         # A refused permission is only logged (Celery's delayed delivery, for one, carries on without it).
         refused = [line for text in logs.values() for line in text.splitlines()
-                   if "ACCESS_REFUSED" in line or '"level":"error"' in line or '"level":"critical"' in line]
+                   if "ACCESS_REFUSED" in line or '"level":"error"' in line or '"level":"critical"' in line
+                   or "worker_metrics_need_multiproc_dir" in line]
         assert refused == []
     finally:
-        for process in processes.values():
+        for process in running.values():
             os.killpg(process.pid, signal.SIGTERM)
-        for process in processes.values():
+        for process in running.values():
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def test_processes_start_as_compose_runs_them(deploy_broker_url: str, pg_database: str, tmp_path: Path) -> None:
+    """Compose's commands and env file, under definitions.json's permissions, migrate, serve, route, work and count."""
+    start_as_deployed(compose_processes(), local_services(deploy_broker_url, pg_database, tmp_path), tmp_path)
+
+
+def test_processes_start_as_the_systemd_units_run_them(pg_database: str, tmp_path: Path) -> None:
+    """The units' ExecStart lines with their environment files (a worker per queue) migrate, serve, route and work."""
+    with fresh_vhost() as broker_url:
+        start_as_deployed(systemd_processes(), local_services(broker_url, pg_database, tmp_path), tmp_path)
