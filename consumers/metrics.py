@@ -84,7 +84,7 @@ RETRIES_SCHEDULED = Counter(
 )
 DELIVERY_LATENCY_SECONDS = Histogram(
     "hookgate_delivery_latency_seconds",
-    "From the event's arrival at the router to its delivery's success, retries included.",
+    "From the gateway's accept of the event (its received_at) to its delivery's success, retries included.",
     ["channel"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0, 36000.0, 86400.0),
 )

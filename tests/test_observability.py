@@ -268,22 +268,25 @@ async def test_router_counts_routed_duplicate_and_dead_lettered(make_settings: C
 
 async def test_router_log_lines_carry_the_event_and_message_ids(make_settings: Callable[..., Settings],
                                                                  sqlite_url: str, log_lines: io.StringIO) -> None:
-    """The router writes one line per routed event with its event id and deliveries, and a dead-lettered
-    message's line carries its message id."""
+    """The router writes one line per routed event with its event and message ids and its deliveries, and a
+    dead-lettered message's line carries its message id; the batch's own line carries neither, both unbound."""
     settings = make_settings(database_url=sqlite_url, router_batch_wait_s=0.01)
     _empty_queues(settings)
     async with RouterHarness(settings) as router:
         _add_subscription(router.sessions, ["order.*"])
-        router.publish(orjson.dumps({**_EVENT, "id": "traced-1"}), "order.paid")
+        router.publish(orjson.dumps({**_EVENT, "id": "traced-1"}), "order.paid", message_id="message-1")
         router.publish(b"not json", "order.paid", message_id="garbage-1")
         await router.wait_for(lambda: router.count(Delivery) == 1 and '"event_dead_lettered"' in log_lines.getvalue())
         with router.sessions() as session:
             delivery_id = session.scalars(select(Delivery.id)).one()
     lines = [orjson.loads(line) for line in log_lines.getvalue().splitlines()]
     routed = [line for line in lines if line["event"] == "event_routed"]
-    assert [(line["event_id"], line["delivery_ids"]) for line in routed] == [("traced-1", [delivery_id])]
+    assert [(line["event_id"], line["message_id"], line["delivery_ids"]) for line in routed] == [
+        ("traced-1", "message-1", [delivery_id])]
     dead = [line for line in lines if line["event"] == "event_dead_lettered"]
     assert [line["message_id"] for line in dead] == ["garbage-1"]
+    batches = [line for line in lines if line["event"] == "batch_routed"]
+    assert batches and not any("message_id" in line or "event_id" in line for line in batches)
 
 
 def test_prefork_worker_metrics_aggregate_its_children(make_settings: Callable[..., Settings], sqlite_url: str,

@@ -303,11 +303,14 @@ def check_drained(stack: Stack, load: Load, case: str, timeout_s: float = 90.0) 
         engine.dispose()
 
     received = {name: _received(stack, name) for name in PATTERNS}
-    receiver_duplicates = sum(len(got) - len({webhook_id for webhook_id, _ in got}) for got in received.values())
+    # Measured: the distinct webhook-ids the receivers answered, each one delivery.
+    delivered = sum(len({webhook_id for webhook_id, _ in got}) for got in received.values())
+    receiver_duplicates = sum(len(got) for got in received.values()) - delivered
     expected_deliveries = sum(len(ids) for ids in expected.values())
     print(f"\n[reliability] {case}: accepted {len(load.accepted)} events (clients were told to retry "
           f"{load.unavailable} times by a 5xx and {load.transport_errors} times by a refused connection), "
-          f"delivered {expected_deliveries} deliveries, duplicates seen by the receivers {receiver_duplicates}, "
+          f"delivered {delivered} deliveries of {expected_deliveries} expected, duplicates seen by the receivers "
+          f"{receiver_duplicates}, "
           f"time to drain {drained_at - load.finished_at:.1f} s after the load ended "
           f"({drained_at - load.started_at:.1f} s after it began); store: {dict(statuses)}")
 
