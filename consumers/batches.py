@@ -18,9 +18,12 @@ from consumers.publisher import OutgoingMessage
 from schemas.events import CloudEvent, EnvelopeError, event_from_json
 from schemas.topology import EVENTS_EXCHANGE
 
-__all__ = ["BATCH_MEDIA_TYPE", "batch_messages", "decode_batch"]
+__all__ = ["BATCH_MEDIA_TYPE", "EVENTS_PER_MESSAGE", "batch_messages", "decode_batch"]
 
 BATCH_MEDIA_TYPE = "application/cloudevents-batch+json"
+# Events per batch message from hookgate's own publishers (imports): past about this many, a bigger
+# message saves the broker and the publisher little, and the router's transactions grow with it.
+EVENTS_PER_MESSAGE = 100
 
 
 def batch_messages(events: Sequence[CloudEvent], *, max_events: int, max_bytes: int) -> list[OutgoingMessage]:

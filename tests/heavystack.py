@@ -8,7 +8,7 @@ Usage::
             done = await wait_for_job(gw, job["id"])
         counter.wait_for_ids(expected_ids)
 
-``EventCounter`` consumes hookgate.ingest (where every event lands) and counts each ``message_id``,
+``EventCounter`` consumes hookgate.ingest (where every event lands) and counts each event's id,
 so a test sees exactly what an import published, duplicates included.
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from kombu import Connection, Consumer, Message
 
+from consumers.batches import BATCH_MEDIA_TYPE
 from consumers.topology import declare_topology, ingest_queue
 from schemas.keys import Scope
 from schemas.settings import Settings
@@ -92,7 +93,7 @@ async def wait_for_job(gw: Gateway, job_id: str, timeout_s: float = 60.0,
 
 
 class EventCounter:
-    """Consumes hookgate.ingest in a thread and counts the events by id (``message_id``)."""
+    """Consumes hookgate.ingest in a thread and counts the events by id (a batch message's one by one)."""
 
     def __init__(self, settings: Settings) -> None:
         self._url = settings.broker_url
@@ -116,11 +117,15 @@ class EventCounter:
         self._thread.join(timeout=10)
 
     def _on_message(self, body: Any, message: Message) -> None:
-        message_id = message.properties["message_id"]
+        if message.content_type == BATCH_MEDIA_TYPE:
+            # Each event of a batch message, by its own id.
+            events = {event["id"]: orjson.dumps(event) for event in orjson.loads(message.body)}
+        else:
+            events = {message.properties["message_id"]: message.body}
         with self._lock:
-            self.counts[message_id] += 1
+            self.counts.update(events.keys())
             if self.keep_bodies:
-                self.bodies[message_id] = message.body
+                self.bodies.update(events)
         message.ack()
 
     def _run(self) -> None:

@@ -32,8 +32,9 @@ from celery.signals import worker_process_shutdown
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from consumers.batches import EVENTS_PER_MESSAGE, batch_messages
 from consumers.celery_app import celery_app
-from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, event_message
+from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from consumers.smtp import SmtpPermanentError, SmtpTransientError, send_message
 from consumers.ssrf import TargetPolicy, UnsafeTargetError
 from consumers.store import jobs
@@ -42,7 +43,7 @@ from consumers.store.errors import StoreError
 from consumers.store.jobs import Checkpoint, JobFiles, JobSnapshot
 from consumers.topology import declare_topology
 from consumers.webhook_client import DownloadTooLarge, WebhookClient, WebhookTransportError
-from schemas.events import EnvelopeError, event_from_json
+from schemas.events import CloudEvent, EnvelopeError, event_from_json
 from schemas.ids import new_id
 from schemas.jobs import REPORT_COLUMNS, FileFormat, JobKind, JobStatus, import_event_id
 from schemas.settings import Settings
@@ -280,7 +281,7 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
     start = job.checkpoint
     read = _ndjson_records if job.format is FileFormat.NDJSON else _csv_records
     source = job.params.get("source")
-    messages: list[OutgoingMessage] = []
+    events: list[CloudEvent] = []
     errors: list[tuple[int, str]] = []
     published, refused = start.published, start.errors_count
     batch_start = start.bytes_done
@@ -293,16 +294,22 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
             except EnvelopeError as exc:
                 errors.append((record.line, exc.detail))
             else:
-                messages.append(event_message(event))
+                events.append(event)
         elif record.error is not None:
             errors.append((record.line, record.error))
-        if len(messages) + len(errors) >= settings.import_batch_lines or record.end - batch_start >= _BATCH_MAX_BYTES:
-            published, refused = published + len(messages), refused + len(errors)
-            yield _Batch(messages, errors, Checkpoint(record.end, record.line, 0, published, refused))
-            messages, errors, batch_start = [], [], record.end
-    if record is not None and (messages or errors or record.end > start.bytes_done):
-        published, refused = published + len(messages), refused + len(errors)
-        yield _Batch(messages, errors, Checkpoint(record.end, record.line, 0, published, refused))
+        if len(events) + len(errors) >= settings.import_batch_lines or record.end - batch_start >= _BATCH_MAX_BYTES:
+            published, refused = published + len(events), refused + len(errors)
+            yield _Batch(_messages(events, settings), errors,
+                         Checkpoint(record.end, record.line, 0, published, refused))
+            events, errors, batch_start = [], [], record.end
+    if record is not None and (events or errors or record.end > start.bytes_done):
+        published, refused = published + len(events), refused + len(errors)
+        yield _Batch(_messages(events, settings), errors, Checkpoint(record.end, record.line, 0, published, refused))
+
+
+def _messages(events: list[CloudEvent], settings: Settings) -> list[OutgoingMessage]:
+    # Each within the router's body limit, so none is dead-lettered for its size.
+    return batch_messages(events, max_events=EVENTS_PER_MESSAGE, max_bytes=settings.max_body_bytes)
 
 
 class _ErrorReport:
