@@ -2,14 +2,17 @@
 
     .venv/bin/python -m bench.import_ndjson [--lines 100000] [--rss-file-mb 1024] [--ceiling-seconds 5]
 
-Beside the import, the same run measures two baselines on the same vhost: the raw ceiling of
+Beside the import, the same run measures three baselines on the same vhost: the raw ceiling of
 confirmed persistent publishes (aio-pika, 256 in flight, as bench/run.py measures it) and the
-publisher the import uses (``ConfirmingPublisher``, batched confirms) sending ready-made messages
-of the same size, so parsing and validation costs show as the gap between the two. A vhost policy
-keeps at most 10,000 messages in hookgate.ingest (drop-head): publishes are confirmed as usual,
-and the shared broker does not hold a gigabyte. The heavy worker is ``hookgate worker -Q heavy -c 1``
-(prefork, prefetch 1); the job is stored and its task sent the way ``POST /v1/files`` does, so the
-figure is the worker's, not an upload's. The machine's load average is printed with the figures.
+publisher the import uses (``ConfirmingPublisher``, batched confirms) sending ready-made events of
+the same size, one per message and then in batch messages of ``EVENTS_PER_MESSAGE`` as the import
+sends them, so parsing and validation costs show as the gap between the last two. It also imports
+the same lines as two files at once with ``-c 2``: what chunks of one import in parallel would give.
+A vhost policy keeps at most 10,000 messages and 64 MiB in hookgate.ingest (drop-head): publishes
+are confirmed as usual, and the shared broker does not hold a gigabyte. The heavy worker is
+``hookgate worker -Q heavy -c 1`` (prefork, prefetch 1); the job is stored and its task sent the way
+``POST /v1/files`` does, so the figure is the worker's, not an upload's. The machine's load average
+is printed with the figures.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from pathlib import Path
 import orjson
 
 from bench.run import aio_pika_ceiling, rabbitmqctl
+from consumers.batches import EVENTS_PER_MESSAGE, batch_messages
 from consumers.celery_app import make_celery
-from consumers.publisher import ConfirmingPublisher, OutgoingMessage
+from consumers.publisher import STRUCTURED_MEDIA_TYPE, ConfirmingPublisher, OutgoingMessage
 from consumers.store import jobs
 from consumers.store.database import make_engine, make_sessionmaker, migrate
 from consumers.store.jobs import JobFiles
 from consumers.topology import declare_topology
+from schemas.events import event_from_json
 from schemas.ids import new_id
 from schemas.jobs import FileFormat, JobKind
 from schemas.settings import Settings
@@ -59,15 +64,19 @@ def write_ndjson(path: Path, *, lines: int | None = None, size_bytes: int | None
     return count
 
 
-async def publisher_ceiling(settings: Settings, seconds: float, line_bytes: int) -> float:
-    """Ready-made events through the import's own publisher: batches of import_batch_lines, two in flight."""
+async def publisher_ceiling(settings: Settings, seconds: float, line_bytes: int, per_message: int) -> float:
+    """Ready-made events through the import's own publisher, ``per_message`` events per AMQP message (a batch
+    message when more than one), import_batch_lines events per publish, two publishes in flight; events per s."""
     publisher = ConfirmingPublisher(settings.broker_url, confirm_timeout_s=10, max_batch=settings.import_batch_lines,
                                     declare=declare_topology, name="bench")
     await publisher.start()
     assert await publisher.wait_connected(10)
-    body = _line(0, line_bytes)
-    batch = [OutgoingMessage(EVENTS_EXCHANGE, "order.imported", body, str(i))
-             for i in range(settings.import_batch_lines)]
+    events = [event_from_json(orjson.loads(_line(i, line_bytes)), default_source="bench", default_id=str(i))
+              for i in range(settings.import_batch_lines)]
+    if per_message == 1:
+        batch = [OutgoingMessage(EVENTS_EXCHANGE, e.type, e.to_json(), e.id, STRUCTURED_MEDIA_TYPE) for e in events]
+    else:
+        batch = batch_messages(events, max_events=per_message, max_bytes=settings.max_body_bytes)
     sent = 0
     deadline = time.perf_counter() + seconds
     started = time.perf_counter()
@@ -76,7 +85,7 @@ async def publisher_ceiling(settings: Settings, seconds: float, line_bytes: int)
         nonlocal sent
         while time.perf_counter() < deadline:
             await publisher.publish(batch)
-            sent += len(batch)
+            sent += len(events)
 
     await asyncio.gather(loop(), loop())
     elapsed = time.perf_counter() - started
@@ -95,42 +104,49 @@ def _children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
-def run_import(settings: Settings, source: Path, lines: int) -> tuple[float, float]:
-    """Import ``source`` with a fresh heavy worker; returns (lines per second, the pool process's peak RSS MB)."""
+def run_import(settings: Settings, sources: list[Path], lines: int) -> tuple[float, float]:
+    """Import the ``sources`` at once, one job each, with a fresh heavy worker of one pool process per job.
+
+    Returns (lines per second of all the jobs together, the largest peak RSS of a pool process, MB).
+    """
     env = {**os.environ, "HOOKGATE_BROKER_URL": settings.broker_url, "HOOKGATE_DATABASE_URL": settings.database_url,
            "HOOKGATE_FILES_DIR": str(settings.files_dir), "HOOKGATE_LOG_LEVEL": "WARNING",
            "HOOKGATE_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
-    log = (settings.files_dir.parent / f"worker-{source.stem}.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "-Q", HEAVY_QUEUE, "-c", "1"],
+    log = (settings.files_dir.parent / f"worker-{sources[0].stem}.log").open("wb")
+    worker = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "-Q", HEAVY_QUEUE,
+                               "-c", str(len(sources))],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)
+    celery = make_celery(settings)
     try:
-        time.sleep(3)  # the worker's start; the clock below starts when the task does
-        job_id, task_id = new_id(), new_id()
-        files = JobFiles(settings.files_dir, job_id)
-        files.directory.mkdir(parents=True)
-        os.link(source, files.input)
-        jobs.create_job(sessions, job_id=job_id, task_id=task_id, kind=JobKind.IMPORT, format=FileFormat.NDJSON,
-                        bytes_total=source.stat().st_size, params={"source": "bench/import"})
-        celery = make_celery(settings)
-        celery.send_task("tasks.import_file", args=[job_id], task_id=task_id, queue=HEAVY_QUEUE)
-        celery.close()
+        time.sleep(3)  # the worker's start; the clock below starts when the first task does
+        job_ids = []
+        for source in sources:
+            job_id, task_id = new_id(), new_id()
+            files = JobFiles(settings.files_dir, job_id)
+            files.directory.mkdir(parents=True)
+            os.link(source, files.input)
+            jobs.create_job(sessions, job_id=job_id, task_id=task_id, kind=JobKind.IMPORT, format=FileFormat.NDJSON,
+                            bytes_total=source.stat().st_size, params={"source": "bench/import"})
+            celery.send_task("tasks.import_file", args=[job_id], task_id=task_id, queue=HEAVY_QUEUE)
+            job_ids.append(job_id)
         started: float | None = None
         while True:
-            job = jobs.get_job(sessions, job_id)
-            assert job is not None
-            if started is None and job.status.value == "running":
+            states = [jobs.get_job(sessions, job_id) for job_id in job_ids]
+            statuses = {job.status.value for job in states if job is not None}
+            if started is None and statuses - {"queued"}:
                 started = time.perf_counter()
-            if job.status.value in ("succeeded", "failed"):
+            if statuses <= {"succeeded", "failed"}:
                 break
             time.sleep(0.05)
         elapsed = time.perf_counter() - (started or time.perf_counter())
-        if job.status.value != "succeeded" or job.counts["published"] != lines:
-            sys.exit(f"the import did not publish every line: {job}")
-        (child,) = _children(worker.pid)
-        return lines / elapsed, _peak_rss_mb(child)
+        published = sum(job.counts["published"] for job in states if job is not None)
+        if statuses != {"succeeded"} or published != lines:
+            sys.exit(f"the import did not publish every line: {states}")
+        return lines / elapsed, max(_peak_rss_mb(child) for child in _children(worker.pid))
     finally:
+        celery.close()
         worker.terminate()
         worker.wait(timeout=60)
         log.close()
@@ -151,21 +167,28 @@ def main() -> None:
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", "bench-bounded", "^hookgate\\.ingest$",
-                '{"max-length": 10000, "overflow": "drop-head"}')
+                '{"max-length": 10000, "max-length-bytes": 67108864, "overflow": "drop-head"}')
     settings = Settings(broker_url=f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
                         database_url=f"sqlite:///{work / 'hookgate.db'}", files_dir=work / "files")
     migrate(settings.database_url)
     load_before = os.getloadavg()
     try:
         ceiling = asyncio.run(aio_pika_ceiling(settings.broker_url, args.ceiling_seconds)).rate
-        same_publisher = asyncio.run(publisher_ceiling(settings, args.ceiling_seconds, args.line_bytes))
+        single_messages = asyncio.run(publisher_ceiling(settings, args.ceiling_seconds, args.line_bytes, 1))
+        batched = asyncio.run(publisher_ceiling(settings, args.ceiling_seconds, args.line_bytes, EVENTS_PER_MESSAGE))
         small = work / "throughput.ndjson"
         lines = write_ndjson(small, lines=args.lines, line_bytes=args.line_bytes)
-        rate, small_rss = run_import(settings, small, lines)
-        small.unlink()
+        rate, small_rss = run_import(settings, [small], lines)
+        # What chunks imported in parallel would give: the same lines as two files, two jobs, -c 2, at once.
+        halves = [work / "half-1.ndjson", work / "half-2.ndjson"]
+        for half in halves:
+            write_ndjson(half, lines=lines // 2, line_bytes=args.line_bytes)
+        parallel_rate, parallel_rss = run_import(settings, halves, lines // 2 * 2)
+        for path in (small, *halves):
+            path.unlink()
         big = work / "rss.ndjson"
         big_lines = write_ndjson(big, size_bytes=args.rss_file_mb * 2**20, line_bytes=args.rss_line_bytes)
-        big_rate, big_rss = run_import(settings, big, big_lines)
+        big_rate, big_rss = run_import(settings, [big], big_lines)
         big_size_mb = big.stat().st_size / 2**20
         big.unlink()
     finally:
@@ -176,10 +199,12 @@ def main() -> None:
     print(f"{'phase':70} {'per s':>9} {'vs ceiling':>10}")
     rows = [
         ("raw ceiling: aio-pika confirmed publish, ~1 KB, 256 in flight", ceiling, ""),
-        (f"ConfirmingPublisher, ready-made ~{args.line_bytes} B events, batches of "
-         f"{settings.import_batch_lines}, 2 in flight", same_publisher, ""),
+        (f"ConfirmingPublisher, ready-made ~{args.line_bytes} B events, one per message", single_messages, ""),
+        (f"ConfirmingPublisher, the same in batch messages of {EVENTS_PER_MESSAGE}", batched, "events"),
         (f"import: {lines:,} NDJSON lines of ~{args.line_bytes} B, published", rate,
          f"peak RSS {small_rss:.0f} MB"),
+        ("the same lines as 2 files imported at once (-c 2): all lines", parallel_rate,
+         f"peak RSS {parallel_rss:.0f} MB (the larger)"),
         (f"import: {big_size_mb:,.0f} MB file, {big_lines:,} lines of ~{args.rss_line_bytes} B", big_rate,
          f"peak RSS {big_rss:.0f} MB"),
     ]
