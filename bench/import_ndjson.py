@@ -1,13 +1,14 @@
 """The import case: NDJSON lines published per second by a heavy worker, and its peak RSS on a 1 GB file.
 
-    .venv/bin/python -m bench.import_ndjson [--lines 100000] [--rss-file-mb 1024] [--ceiling-seconds 5]
+    .venv/bin/python -m bench.import_ndjson [--lines 100000] [--rss-file-mb 1024] [--chunk-mb 64]
 
 Beside the import, the same run measures three baselines on the same vhost: the raw ceiling of
 confirmed persistent publishes (aio-pika, 256 in flight, as bench/run.py measures it) and the
 publisher the import uses (``ConfirmingPublisher``, batched confirms) sending ready-made events of
 the same size, one per message and then in batch messages of ``EVENTS_PER_MESSAGE`` as the import
 sends them, so parsing and validation costs show as the gap between the last two. It also imports
-the same lines as two files at once with ``-c 2``: what chunks of one import in parallel would give.
+each file again with ``-c 2``: an NDJSON file larger than ``HOOKGATE_IMPORT_CHUNK_BYTES`` (``--chunk-mb``)
+is split into chunks imported in parallel, so this shows what the second process adds.
 A vhost policy keeps at most 10,000 messages and 64 MiB in hookgate.ingest (drop-head): publishes
 are confirmed as usual, and the shared broker does not hold a gigabyte. The heavy worker is
 ``hookgate worker -Q heavy -c 1`` (prefork, prefetch 1); the job is stored and its task sent the way
@@ -104,46 +105,44 @@ def _children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
-def run_import(settings: Settings, sources: list[Path], lines: int) -> tuple[float, float]:
-    """Import the ``sources`` at once, one job each, with a fresh heavy worker of one pool process per job.
+def run_import(settings: Settings, source: Path, lines: int, concurrency: int) -> tuple[float, float]:
+    """Import ``source`` with a fresh ``hookgate worker -Q heavy -c CONCURRENCY`` (a file larger than
+    ``import_chunk_bytes`` is split into chunks, run ``concurrency`` at a time).
 
-    Returns (lines per second of all the jobs together, the largest peak RSS of a pool process, MB).
+    Returns (lines per second, the largest peak RSS of a pool process in MB).
     """
     env = {**os.environ, "HOOKGATE_BROKER_URL": settings.broker_url, "HOOKGATE_DATABASE_URL": settings.database_url,
            "HOOKGATE_FILES_DIR": str(settings.files_dir), "HOOKGATE_LOG_LEVEL": "WARNING",
-           "HOOKGATE_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
-    log = (settings.files_dir.parent / f"worker-{sources[0].stem}.log").open("wb")
+           "HOOKGATE_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT),
+           "HOOKGATE_IMPORT_CHUNK_BYTES": str(settings.import_chunk_bytes)}
+    log = (settings.files_dir.parent / f"worker-{source.stem}-{concurrency}.log").open("wb")
     worker = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "-Q", HEAVY_QUEUE,
-                               "-c", str(len(sources))],
+                               "-c", str(concurrency)],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)
     celery = make_celery(settings)
     try:
-        time.sleep(3)  # the worker's start; the clock below starts when the first task does
-        job_ids = []
-        for source in sources:
-            job_id, task_id = new_id(), new_id()
-            files = JobFiles(settings.files_dir, job_id)
-            files.directory.mkdir(parents=True)
-            os.link(source, files.input)
-            jobs.create_job(sessions, job_id=job_id, task_id=task_id, kind=JobKind.IMPORT, format=FileFormat.NDJSON,
-                            bytes_total=source.stat().st_size, params={"source": "bench/import"})
-            celery.send_task("tasks.import_file", args=[job_id], task_id=task_id, queue=HEAVY_QUEUE)
-            job_ids.append(job_id)
+        time.sleep(3)  # the worker's start; the clock below starts when the task does
+        job_id, task_id = new_id(), new_id()
+        files = JobFiles(settings.files_dir, job_id)
+        files.directory.mkdir(parents=True)
+        os.link(source, files.input)
+        jobs.create_job(sessions, job_id=job_id, task_id=task_id, kind=JobKind.IMPORT, format=FileFormat.NDJSON,
+                        bytes_total=source.stat().st_size, params={"source": "bench/import"})
+        celery.send_task("tasks.import_file", args=[job_id], task_id=task_id, queue=HEAVY_QUEUE)
         started: float | None = None
         while True:
-            states = [jobs.get_job(sessions, job_id) for job_id in job_ids]
-            statuses = {job.status.value for job in states if job is not None}
-            if started is None and statuses - {"queued"}:
+            job = jobs.get_job(sessions, job_id)
+            assert job is not None
+            if started is None and job.status.value == "running":
                 started = time.perf_counter()
-            if statuses <= {"succeeded", "failed"}:
+            if job.status.value in ("succeeded", "failed"):
                 break
             time.sleep(0.05)
         elapsed = time.perf_counter() - (started or time.perf_counter())
-        published = sum(job.counts["published"] for job in states if job is not None)
-        if statuses != {"succeeded"} or published != lines:
-            sys.exit(f"the import did not publish every line: {states}")
+        if job.status.value != "succeeded" or job.counts["published"] != lines:
+            sys.exit(f"the import did not publish every line: {job}")
         return lines / elapsed, max(_peak_rss_mb(child) for child in _children(worker.pid))
     finally:
         celery.close()
@@ -160,6 +159,8 @@ def main() -> None:
     parser.add_argument("--rss-file-mb", type=int, default=1024, help="size of the file the RSS is measured on")
     parser.add_argument("--rss-line-bytes", type=int, default=4096)
     parser.add_argument("--ceiling-seconds", type=float, default=5.0)
+    parser.add_argument("--chunk-mb", type=int, default=64,
+                        help="HOOKGATE_IMPORT_CHUNK_BYTES in MiB: files above it are imported as parallel chunks")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hookgate-bench-import-"))
@@ -169,7 +170,8 @@ def main() -> None:
     rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", "bench-bounded", "^hookgate\\.ingest$",
                 '{"max-length": 10000, "max-length-bytes": 67108864, "overflow": "drop-head"}')
     settings = Settings(broker_url=f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
-                        database_url=f"sqlite:///{work / 'hookgate.db'}", files_dir=work / "files")
+                        database_url=f"sqlite:///{work / 'hookgate.db'}", files_dir=work / "files",
+                        import_chunk_bytes=args.chunk_mb * 2**20)
     migrate(settings.database_url)
     load_before = os.getloadavg()
     try:
@@ -178,17 +180,13 @@ def main() -> None:
         batched = asyncio.run(publisher_ceiling(settings, args.ceiling_seconds, args.line_bytes, EVENTS_PER_MESSAGE))
         small = work / "throughput.ndjson"
         lines = write_ndjson(small, lines=args.lines, line_bytes=args.line_bytes)
-        rate, small_rss = run_import(settings, [small], lines)
-        # What chunks imported in parallel would give: the same lines as two files, two jobs, -c 2, at once.
-        halves = [work / "half-1.ndjson", work / "half-2.ndjson"]
-        for half in halves:
-            write_ndjson(half, lines=lines // 2, line_bytes=args.line_bytes)
-        parallel_rate, parallel_rss = run_import(settings, halves, lines // 2 * 2)
-        for path in (small, *halves):
-            path.unlink()
+        rate, small_rss = run_import(settings, small, lines, 1)
+        parallel_rate, parallel_rss = run_import(settings, small, lines, 2)
+        small.unlink()
         big = work / "rss.ndjson"
         big_lines = write_ndjson(big, size_bytes=args.rss_file_mb * 2**20, line_bytes=args.rss_line_bytes)
-        big_rate, big_rss = run_import(settings, [big], big_lines)
+        big_rate, big_rss = run_import(settings, big, big_lines, 1)
+        big_parallel_rate, big_parallel_rss = run_import(settings, big, big_lines, 2)
         big_size_mb = big.stat().st_size / 2**20
         big.unlink()
     finally:
@@ -203,15 +201,15 @@ def main() -> None:
         (f"ConfirmingPublisher, the same in batch messages of {EVENTS_PER_MESSAGE}", batched, "events"),
         (f"import: {lines:,} NDJSON lines of ~{args.line_bytes} B, published", rate,
          f"peak RSS {small_rss:.0f} MB"),
-        ("the same lines as 2 files imported at once (-c 2): all lines", parallel_rate,
-         f"peak RSS {parallel_rss:.0f} MB (the larger)"),
+        ("the same, -c 2: its chunks two at a time", parallel_rate, f"peak RSS {parallel_rss:.0f} MB"),
         (f"import: {big_size_mb:,.0f} MB file, {big_lines:,} lines of ~{args.rss_line_bytes} B", big_rate,
          f"peak RSS {big_rss:.0f} MB"),
+        ("the same, -c 2: its chunks two at a time", big_parallel_rate, f"peak RSS {big_parallel_rss:.0f} MB"),
     ]
     for name, value, note in rows:
         print(f"{name:70} {value:>9,.0f} {value / ceiling:>10.2f}  {note}")
     print(f"targets: >= 20,000 lines/s published ({'met' if rate >= 20_000 else 'NOT met'}); "
-          f"peak RSS <= 200 MB on a 1 GB file ({'met' if big_rss <= 200 else 'NOT met'})")
+          f"peak RSS <= 200 MB on a 1 GB file ({'met' if max(big_rss, big_parallel_rss) <= 200 else 'NOT met'})")
 
 
 if __name__ == "__main__":

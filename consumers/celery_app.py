@@ -23,8 +23,10 @@ TASK_MODULES = ["consumers.tasks.webhooks", "consumers.tasks.email", "consumers.
 _WEBHOOK_TASKS = ("tasks.deliver_webhook", "tasks.deliver_webhooks", "tasks.recheck_webhooks",
                   # The sweep's work is to enqueue deliveries: it runs where webhooks are sent.
                   "tasks.sweep_stuck_deliveries")
-_HEAVY_TASKS = ("tasks.import_file", "tasks.build_report", "tasks.email_report", "tasks.cleanup_old_data",
-                "tasks.generate_weekly_report")
+# celery.chord_unlock polls a split import's chunks (a chord on the result backend's database): its retries
+# are routed by name, and would otherwise land on the default queue.
+_HEAVY_TASKS = ("tasks.import_file", "tasks.finish_import", "celery.chord_unlock", "tasks.build_report",
+                "tasks.email_report", "tasks.cleanup_old_data", "tasks.generate_weekly_report")
 
 
 def make_celery(settings: Settings) -> Celery:

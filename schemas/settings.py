@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     import_batch_lines: int = Field(default=2000, ge=1, le=100_000)
     # How often (seconds) an import writes its checkpoint and PROGRESS state.
     import_checkpoint_interval_s: float = Field(default=1.0, gt=0)
+    # An NDJSON import larger than this is split into chunks of about this size (on line ends), imported
+    # in parallel by a Celery group; a chord's callback finishes the job.
+    import_chunk_bytes: int = Field(default=256 * 1024**2, ge=1)
     # Timeout of a URL download's connect and of each read.
     download_timeout_s: float = Field(default=30.0, gt=0)
     # Management HTTP API of the broker (http://host:15672), for unacked counts in GET /v1/queues;

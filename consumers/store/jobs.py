@@ -26,27 +26,34 @@ from schemas.jobs import (
 )
 
 __all__ = [
+    "ERRORS_HEADER",
     "Checkpoint",
+    "Chunk",
     "Claim",
     "ClaimRefusal",
     "JobFiles",
     "JobSnapshot",
+    "chunks_untouched",
     "claim",
     "create_job",
     "delete_job",
     "delete_jobs_before",
     "finish",
+    "finish_chunked",
     "get_job",
     "hand_over",
     "record_download",
     "release",
     "report_rows",
     "save_checkpoint",
+    "split",
 ]
 
 _FINISHED = [status.value for status in FINISHED_STATUSES]
 # Rows a report reads from the database at a time: memory stays flat whatever the range.
 _REPORT_FETCH = 2000
+# The first line of an import's error report.
+ERRORS_HEADER = b"line,error\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +228,100 @@ def hand_over(sessions: sessionmaker[Session], job_id: str, task_id: str, next_t
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A byte range of an import's input, on line ends, run as a job of its own: ``lines_before`` lines precede it."""
+
+    job_id: str
+    task_id: str
+    start: int
+    end: int
+    lines_before: int
+
+
+def split(sessions: sessionmaker[Session], job_id: str, task_id: str, chunks: list[Chunk]) -> bool:
+    """Store the import's chunks as jobs of their own and mark the job split; False when it is not this task's.
+
+    A chunk job's checkpoint starts at its range's start (absolute offset and line number) and its params name
+    the parent and the range's end. The parent stays ``running``, not marked as run by the task, until
+    ``finish_chunked``.
+    """
+    now = utcnow()
+    with translate_errors("splitting a job"), sessions.begin() as session:
+        job = session.execute(select(Job).where(Job.id == job_id, Job.current_task_id == task_id,
+                                                Job.status.not_in(_FINISHED)).with_for_update()).scalar_one_or_none()
+        if job is None:
+            return False
+        session.add_all(Job(
+            id=chunk.job_id, kind=job.kind, format=job.format, status=JobStatus.QUEUED.value, task_id=chunk.task_id,
+            current_task_id=chunk.task_id, running=False,
+            params={**job.params, "parent": job_id, "start": chunk.start, "end": chunk.end,
+                    "lines_before": chunk.lines_before}, downloaded=True, bytes_total=chunk.end,
+            bytes_done=chunk.start, lines_done=chunk.lines_before, error_bytes=0, published=0, errors_count=0,
+            rows=0, continuations=0, lost_runs=0, owner_key_id=job.owner_key_id, created_at=now, updated_at=now,
+        ) for chunk in chunks)
+        job.params = {**job.params, "chunks": [chunk.job_id for chunk in chunks]}
+        job.running, job.updated_at = False, now
+    return True
+
+
+def chunks_untouched(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str, str]] | None:
+    """A split job's chunks as (job id, task id) if none has started yet (their tasks may never have been
+    sent), else None."""
+    with translate_errors("reading a job's chunks"), sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        chunks = session.scalars(select(Job).where(Job.id.in_(job.params["chunks"]))).all()
+        if any(chunk.status != JobStatus.QUEUED.value or chunk.lost_runs or chunk.continuations for chunk in chunks):
+            return None
+        return [(chunk.id, chunk.task_id) for chunk in chunks]
+
+
+def finish_chunked(sessions: sessionmaker[Session], files_root: Path, job_id: str) -> JobStatus | None:
+    """Finish a split import once every chunk has: counts summed, error reports joined in line order.
+
+    None while a chunk still runs. The job fails, with the first chunk's error, when any chunk failed;
+    a job that is gone (deleted) reads as failed, there being nothing left to finish.
+    """
+    with translate_errors("finishing a split job"), sessions.begin() as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+        if job is None or job.status in _FINISHED:
+            return JobStatus.FAILED if job is None else JobStatus(job.status)
+        chunks = _chunks(session, job)
+        if any(chunk.status not in _FINISHED for chunk in chunks):
+            return None
+        errors = JobFiles(files_root, job_id).errors
+        with open(errors.with_suffix(".part"), "wb") as sink:
+            sink.write(ERRORS_HEADER)
+            for chunk in chunks:
+                part = JobFiles(files_root, chunk.id).errors
+                if part.exists():
+                    with open(part, "rb") as source:
+                        source.seek(len(ERRORS_HEADER))
+                        shutil.copyfileobj(source, sink)
+        errors.with_suffix(".part").replace(errors)
+        failed = [(number, chunk) for number, chunk in enumerate(chunks, 1) if chunk.status == JobStatus.FAILED.value]
+        now = utcnow()
+        job.status = (JobStatus.FAILED if failed else JobStatus.SUCCEEDED).value
+        job.error = f"chunk {failed[0][0]} of {len(chunks)}: {failed[0][1].error}" if failed else None
+        job.running, job.finished_at, job.updated_at = False, now, now
+        job.bytes_done, job.lines_done, job.published, job.errors_count = _chunk_totals(chunks)
+        job.error_bytes = errors.stat().st_size
+        return JobStatus(job.status)
+
+
+def _chunks(session: Session, job: Job) -> list[Job]:
+    ids: list[str] = job.params["chunks"]
+    return sorted(session.scalars(select(Job).where(Job.id.in_(ids))).all(), key=lambda chunk: ids.index(chunk.id))
+
+
+def _chunk_totals(chunks: list[Job]) -> tuple[int, int, int, int]:
+    """Bytes and lines done (of their ranges), events published and lines refused, over the chunks."""
+    return (sum(chunk.bytes_done - chunk.params["start"] for chunk in chunks),
+            sum(chunk.lines_done - chunk.params["lines_before"] for chunk in chunks),
+            sum(chunk.published for chunk in chunks), sum(chunk.errors_count for chunk in chunks))
+
+
 def finish(sessions: sessionmaker[Session], job_id: str, task_id: str, status: JobStatus, *,
            checkpoint: Checkpoint | None = None, rows: int | None = None, error: str | None = None) -> bool:
     """Mark the job succeeded or failed, with its last checkpoint."""
@@ -265,7 +366,13 @@ def _job_out(job: Job) -> JobOut:
 def get_job(sessions: sessionmaker[Session], job_id: str) -> JobOut | None:
     with translate_errors("reading a job"), sessions() as session:
         job = session.get(Job, job_id)
-        return None if job is None else _job_out(job)
+        if job is None:
+            return None
+        if job.params.get("chunks") and job.status not in _FINISHED:
+            # A split import in progress: its figures are its chunks' (not written back to its row).
+            job.bytes_done, job.lines_done, job.published, job.errors_count = _chunk_totals(_chunks(session, job))
+            session.expunge(job)
+        return _job_out(job)
 
 
 def report_rows(sessions: sessionmaker[Session], params: dict[str, Any]) -> Iterator[tuple[Any, ...]]:

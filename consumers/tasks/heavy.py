@@ -22,11 +22,12 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 import structlog
-from celery import Task
+from celery import Task, chord
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
 from sqlalchemy import Engine
@@ -40,7 +41,7 @@ from consumers.ssrf import TargetPolicy, UnsafeTargetError
 from consumers.store import jobs
 from consumers.store.database import make_engine, make_sessionmaker
 from consumers.store.errors import StoreError
-from consumers.store.jobs import Checkpoint, JobFiles, JobSnapshot
+from consumers.store.jobs import ERRORS_HEADER, Checkpoint, Chunk, JobFiles, JobSnapshot
 from consumers.topology import declare_topology
 from consumers.webhook_client import DownloadTooLarge, WebhookClient, WebhookTransportError
 from schemas.events import CloudEvent, EnvelopeError, event_from_json
@@ -48,7 +49,7 @@ from schemas.ids import new_id
 from schemas.jobs import REPORT_COLUMNS, FileFormat, JobKind, JobStatus, import_event_id
 from schemas.settings import Settings
 
-__all__ = ["PROGRESS", "build_report", "email_report", "import_file"]
+__all__ = ["PROGRESS", "build_report", "email_report", "finish_import", "import_file"]
 
 logger = structlog.get_logger(__name__)
 
@@ -70,6 +71,8 @@ _IN_FLIGHT = 2
 _BATCH_MAX_BYTES = 1 << 20
 # Beyond the confirm timeout, what a publish may take to reach a publisher that is (re)connecting.
 _CONNECT_GRACE_S = 5.0
+# How often a split import's chord callback looks again for chunks still running.
+_CHUNK_POLL_S = 2
 # Past the soft limit by this much without its signal having been seen, a run hands over on its own.
 _SOFT_LIMIT_GRACE_S = 1.0
 _CSV_COLUMNS = frozenset({"type", "source", "id", "subject", "time", "data"})
@@ -277,10 +280,15 @@ class _Batch:
 
 
 def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator[_Batch]:
-    """The job's records from its checkpoint on, as events in batches of ``import_batch_lines``."""
+    """The job's records from its checkpoint on (to its chunk's end), as events in batches of ``import_batch_lines``.
+
+    Event ids name the import (a chunk's parent) and the line number in the whole file.
+    """
     start = job.checkpoint
     read = _ndjson_records if job.format is FileFormat.NDJSON else _csv_records
     source = job.params.get("source")
+    import_id = job.params.get("parent", job.id)
+    stop = job.params.get("end", float("inf"))
     events: list[CloudEvent] = []
     errors: list[tuple[int, str]] = []
     published, refused = start.published, start.errors_count
@@ -290,7 +298,7 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
         if record.fields is not None:
             try:
                 event = event_from_json(record.fields, default_source=source,
-                                        default_id=import_event_id(job.id, record.line))
+                                        default_id=import_event_id(import_id, record.line))
             except EnvelopeError as exc:
                 errors.append((record.line, exc.detail))
             else:
@@ -302,6 +310,8 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
             yield _Batch(_messages(events, settings), errors,
                          Checkpoint(record.end, record.line, 0, published, refused))
             events, errors, batch_start = [], [], record.end
+        if record.end >= stop:
+            break
     if record is not None and (events or errors or record.end > start.bytes_done):
         published, refused = published + len(events), refused + len(errors)
         yield _Batch(_messages(events, settings), errors, Checkpoint(record.end, record.line, 0, published, refused))
@@ -319,7 +329,7 @@ class _ErrorReport:
         self._handle = open(files.errors, "r+b" if files.errors.exists() else "w+b")  # noqa: SIM115
         self._handle.truncate(size)
         if size == 0:
-            self._handle.write(b"line,error\r\n")
+            self._handle.write(ERRORS_HEADER)
             self._handle.flush()
         self.size = self._handle.tell() if size == 0 else size
 
@@ -450,6 +460,62 @@ def _hand_over(run: _Run) -> str:
     return next_task_id
 
 
+def _splits(job: JobSnapshot, settings: Settings) -> bool:
+    """Is this an NDJSON import large enough to be imported as chunks, not yet begun? (CSV cannot be cut on
+    line ends: a quoted field may hold one.)"""
+    return (job.format is FileFormat.NDJSON and "parent" not in job.params and job.checkpoint.bytes_done == 0
+            and (job.bytes_total or 0) > settings.import_chunk_bytes)
+
+
+def _chunk_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """``(start, end, lines before start)`` of ranges of about ``chunk_bytes``, each ending on a line end.
+
+    One pass counting newlines, a block at a time: a gigabyte takes about a second, in flat memory.
+    """
+    ranges: list[tuple[int, int, int]] = []
+    start = start_lines = offset = lines = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(_BATCH_MAX_BYTES):
+            position = 0
+            # The first newline at or after the range's size, in this block, ends the range.
+            while (search := max(start + chunk_bytes - 1 - offset, position)) < len(block):
+                newline = block.find(b"\n", search)
+                if newline < 0:
+                    break
+                lines += block.count(b"\n", position, newline + 1)
+                ranges.append((start, offset + newline + 1, start_lines))
+                start, start_lines, position = offset + newline + 1, lines, newline + 1
+            lines += block.count(b"\n", position)
+            offset += len(block)
+    if offset > start:
+        ranges.append((start, offset, start_lines))
+    return ranges
+
+
+def _split(run: _Run, files: JobFiles) -> dict[str, Any]:
+    """Import the file as chunk jobs run in parallel (a group), finished by a chord's callback."""
+    settings, sessions = run.resources.settings, run.resources.sessions
+    if "chunks" in run.job.params:
+        # This task split the job and died before its message was acked: the chord may never have been sent.
+        pairs = jobs.chunks_untouched(sessions, run.job.id)
+        if pairs is None:
+            return {"job_id": run.job.id, "chunks": len(run.job.params["chunks"])}
+    else:
+        chunks = [Chunk(new_id(), new_id(), start, end, lines)
+                  for start, end, lines in _chunk_ranges(files.input, settings.import_chunk_bytes)]
+        for chunk in chunks:
+            JobFiles(settings.files_dir, chunk.job_id).directory.mkdir(parents=True, exist_ok=True)
+        if not jobs.split(sessions, run.job.id, run.task_id, chunks):
+            raise _JobFailed("the job was taken over by another task")
+        pairs = [(chunk.job_id, chunk.task_id) for chunk in chunks]
+    # The errback too: a chunk task that fails (not its job: that is counted) leaves the callback unrun.
+    finish = finish_import.si(run.job.id)
+    finish.link_error(finish_import.si(run.job.id))
+    chord([import_file.si(job_id).set(task_id=task_id) for job_id, task_id in pairs], finish).apply_async()
+    logger.info("import split into chunks", job_id=run.job.id, chunks=len(pairs))
+    return {"job_id": run.job.id, "chunks": len(pairs)}
+
+
 def _import(run: _Run) -> dict[str, Any]:
     settings = run.resources.settings
     files = JobFiles(settings.files_dir, run.job.id)
@@ -461,8 +527,12 @@ def _import(run: _Run) -> dict[str, Any]:
             if not jobs.record_download(run.resources.sessions, run.job.id, run.task_id, size):
                 raise _JobFailed("the job was taken over by another task")
             run.job = replace(run.job, downloaded=True, bytes_total=size)
+        if "chunks" in run.job.params or _splits(run.job, settings):
+            return _split(run, files)
         report = _ErrorReport(files, run.confirmed.error_bytes)
-        with open(files.input, "rb") as handle:
+        # A chunk reads its range of its parent's input.
+        source = JobFiles(settings.files_dir, run.job.params["parent"]) if "parent" in run.job.params else files
+        with open(source.input, "rb") as handle:
             _publish_all(run, handle, report, in_flight)
     except Exception as exc:
         if not _soft_limit_struck(exc):
@@ -479,8 +549,17 @@ def _import(run: _Run) -> dict[str, Any]:
     finally:
         if report is not None:
             report.close()
-    if not jobs.finish(run.resources.sessions, run.job.id, run.task_id, JobStatus.SUCCEEDED,
-                       checkpoint=run.confirmed):
+    try:
+        finished = jobs.finish(run.resources.sessions, run.job.id, run.task_id, JobStatus.SUCCEEDED,
+                               checkpoint=run.confirmed)
+    except Exception as exc:
+        if not _soft_limit_struck(exc):
+            raise
+        # Everything is published and confirmed: finish all the same, the hard limit is further off. (A run
+        # that raised here would leave its job running with nobody to finish it.)
+        finished = jobs.finish(run.resources.sessions, run.job.id, run.task_id, JobStatus.SUCCEEDED,
+                               checkpoint=run.confirmed)
+    if not finished:
         raise _JobFailed("the job was taken over by another task")
     logger.info("import finished", job_id=run.job.id, published=run.confirmed.published,
                 errors=run.confirmed.errors_count)
@@ -553,6 +632,23 @@ def _run_job(task: Task, job_id: str, kind: JobKind) -> dict[str, Any]:
 def import_file(self: Task, job_id: str) -> dict[str, Any]:
     """Publish every valid line of the job's file as an event, from its checkpoint on; report the others."""
     return _run_job(self, job_id, JobKind.IMPORT)
+
+
+@celery_app.task(name="tasks.finish_import", bind=True, acks_late=True, max_retries=None)
+def finish_import(self: Task, job_id: str) -> dict[str, Any]:
+    """The chord callback of an import split into chunks: once every chunk job has finished, the job's
+    counts, its error report (the chunks' in line order) and its status."""
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    resources = _process_resources()
+    try:
+        status = jobs.finish_chunked(resources.sessions, resources.settings.files_dir, job_id)
+    except StoreError as exc:
+        raise self.retry(countdown=_TRANSIENT_RETRY_S) from exc
+    if status is None:
+        # A chunk that went past its soft limit runs on in a follow-up task, which the chord does not wait for.
+        raise self.retry(countdown=_CHUNK_POLL_S)
+    logger.info("split import finished", status=status.value)
+    return {"job_id": job_id, "status": status.value}
 
 
 @celery_app.task(name="tasks.build_report", **_HEAVY_TASK)

@@ -1,0 +1,114 @@
+"""Large NDJSON imports split into chunks imported in parallel (a group) and finished by a chord's callback."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from consumers.store.models import Job
+from schemas.jobs import import_event_id
+from schemas.keys import Scope
+from schemas.settings import Settings
+from tests.apiclient import Gateway, count_rows
+from tests.heavystack import EventCounter, gateway, heavy_worker, ndjson_lines, pool_children, upload, wait_for_job
+from tests.workers import Hookgate
+
+LINES = 6000
+# About 9 chunks of the file's 400 KB, on line ends.
+CHUNK_BYTES = 45_000
+
+
+def _settings(broker_url: str, store_url: str, tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {"broker_url": broker_url, "database_url": store_url, "files_dir": tmp_path / "files",
+                                 "import_chunk_bytes": CHUNK_BYTES, "import_batch_lines": 100,
+                                 "import_checkpoint_interval_s": 0.2}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def _stack(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[Gateway, EventCounter, Hookgate]]:
+    """A heavy worker of two pool processes (chunks run two at a time), an event counter and the gateway."""
+    worker = heavy_worker(settings, tmp_path, concurrency=2).start()
+    try:
+        with EventCounter(settings) as counter:
+            async with gateway(settings) as gw:
+                yield gw, counter, worker
+    finally:
+        worker.stop()
+
+
+async def test_a_large_import_is_split_into_chunks_each_line_published_once_and_errors_joined_in_order(
+        broker_url: str, store_url: str, tmp_path: Path) -> None:
+    """Chunks on line ends run in parallel; ids keep the file's line numbers; the job sums them and joins errors."""
+    settings = _settings(broker_url, store_url, tmp_path)
+    lines = list(ndjson_lines(LINES, padding=40))
+    bad = {1: b"{not json\n", 2999: b"[1]\n", 3000: b'{"type": "has space"}\n', LINES: b'{"data": 1}\n'}
+    for number, line in bad.items():
+        lines[number - 1] = line
+    content = b"".join(lines)
+    async with _stack(settings, tmp_path) as (gw, counter, worker):
+        job = await upload(gw, content, "ndjson")
+        done = await wait_for_job(gw, job["id"], timeout_s=120)
+        assert done["status"] == "succeeded", done
+        assert done["counts"] == {"published": LINES - len(bad), "errors": len(bad)}
+        assert done["progress"] == {"bytes_done": len(content), "bytes_total": len(content),
+                                    "lines_done": LINES, "percent": 100.0}
+        expected = {import_event_id(job["id"], n) for n in range(1, LINES + 1) if n not in bad}
+        counts = counter.wait_for_ids(expected)
+        assert set(counts) == expected and set(counts.values()) == {1}
+        report = await gw.client.get(done["links"]["errors"], headers=gw.auth(Scope.EVENTS_READ))
+        rows = list(csv.reader(io.StringIO(report.text)))
+        assert rows[0] == ["line", "error"] and [int(row[0]) for row in rows[1:]] == sorted(bad)
+        task = await gw.client.get(f"/v1/tasks/{job['task_id']}", headers=gw.auth(Scope.EVENTS_READ))
+        chunks = task.json()["result"]["chunks"]
+        assert len(content) // CHUNK_BYTES <= chunks <= len(content) // CHUNK_BYTES + 1
+        assert count_rows(gw.sessions, Job) == 1 + chunks
+    assert "split import finished" in worker.log_text()
+
+
+async def test_a_chunk_past_its_soft_limit_continues_and_the_job_waits_for_it(
+        broker_url: str, store_url: str, tmp_path: Path) -> None:
+    """With a 2 s soft limit, chunks hand over to follow-up tasks; the job ends once they do, each line once."""
+    # Three chunks of 8,000 lines, published two lines per confirm: each takes several 2 s runs.
+    lines = 24_000
+    content = b"".join(ndjson_lines(lines))
+    settings = _settings(broker_url, store_url, tmp_path, heavy_soft_time_limit_s=2, heavy_time_limit_s=30,
+                         import_batch_lines=2, import_chunk_bytes=len(content) // 3)
+    async with _stack(settings, tmp_path) as (gw, counter, worker):
+        job = await upload(gw, content, "ndjson")
+        done = await wait_for_job(gw, job["id"], timeout_s=100)
+        assert done["status"] == "succeeded", done
+        assert done["counts"] == {"published": lines, "errors": 0}
+        counts = counter.wait_for_ids({import_event_id(job["id"], n) for n in range(1, lines + 1)})
+        assert len(counts) == lines and set(counts.values()) == {1}
+    assert "import continues in a follow-up task" in worker.log_text()
+
+
+async def test_a_chunk_whose_pool_process_is_killed_resumes_and_the_job_finishes(
+        broker_url: str, store_url: str, tmp_path: Path) -> None:
+    """SIGKILL of a pool process running a chunk: Celery retries that chunk from its checkpoint; the job ends whole."""
+    lines = 24_000
+    content = b"".join(ndjson_lines(lines))
+    settings = _settings(broker_url, store_url, tmp_path, import_batch_lines=5, import_chunk_bytes=len(content) // 3)
+    async with _stack(settings, tmp_path) as (gw, counter, worker):
+        job = await upload(gw, content, "ndjson")
+        running = await wait_for_job(gw, job["id"], statuses=("running",))
+        while running["progress"]["lines_done"] < 2000:
+            await asyncio.sleep(0.05)
+            running = await wait_for_job(gw, job["id"], statuses=("running",))
+        os.kill(pool_children(worker.pid)[0], signal.SIGKILL)
+        done = await wait_for_job(gw, job["id"], timeout_s=90)
+        assert done["status"] == "succeeded", done
+        assert done["counts"] == {"published": lines, "errors": 0}
+        counts = counter.wait_for_ids({import_event_id(job["id"], n) for n in range(1, lines + 1)})
+        assert len(counts) == lines
+        # Only what a chunk published after its last checkpoint went out again.
+        assert sum(counts.values()) - lines < running["progress"]["lines_done"]
+    assert "WorkerLostError" in worker.log_text()
