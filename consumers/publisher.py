@@ -75,10 +75,10 @@ class _Request:
 STRUCTURED_MEDIA_TYPE = "application/cloudevents+json"
 
 
-def event_message(event: CloudEvent) -> OutgoingMessage:
+def event_message(event: CloudEvent, headers: dict[str, Any] | None = None) -> OutgoingMessage:
     """An event as the AMQP contract has it: on hookgate.events, routed by its type, ``message_id`` its id."""
     return OutgoingMessage(exchange=EVENTS_EXCHANGE, routing_key=event.type, body=event.to_json(),
-                           message_id=event.id, content_type=STRUCTURED_MEDIA_TYPE)
+                           message_id=event.id, content_type=STRUCTURED_MEDIA_TYPE, headers=headers)
 
 
 class ConfirmingPublisher:

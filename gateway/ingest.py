@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -79,7 +78,7 @@ def _binary_attributes(request: Request) -> dict[str, str]:
 
 def _stamped(event: CloudEvent, accepted_at: str) -> OutgoingMessage:
     # The router stores the stamp as the event's received_at: the delivery latency counts from here.
-    return dataclasses.replace(event_message(event), headers={topology.ACCEPTED_AT_HEADER: accepted_at})
+    return event_message(event, {topology.ACCEPTED_AT_HEADER: accepted_at})
 
 
 async def _publish(request: Request, events: Sequence[CloudEvent]) -> None:
