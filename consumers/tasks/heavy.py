@@ -6,7 +6,10 @@ last confirmed batch. When the soft time limit fires it finishes confirming what
 saves the checkpoint and hands the job to a follow-up task (a fresh time limit) that continues
 from there; a run that dies (SIGKILL, a lost worker) is run again, by the broker's redelivery or
 Celery's ``retry_on_worker_lost``, from the last checkpoint. Event ids derive from the job and
-line number, so lines published twice across such a restart are one event to the router.
+line number, so lines published twice across such a restart are one event to the router. Events
+go out as batch messages (``consumers.batches``). An NDJSON file over ``import_chunk_bytes`` is
+split into chunk jobs, each such an import of its own range, run as a group; the chord's callback,
+``tasks.finish_import``, finishes the job. Reading the input is ``consumers.imports``.
 """
 
 from __future__ import annotations
@@ -22,10 +25,8 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Any, BinaryIO
 
-import orjson
 import structlog
 from celery import Task, chord
 from celery.exceptions import SoftTimeLimitExceeded
@@ -35,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.batches import EVENTS_PER_MESSAGE, batch_messages
 from consumers.celery_app import celery_app
+from consumers.imports import InputError, Record, chunk_ranges, csv_records, ndjson_records
 from consumers.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from consumers.smtp import SmtpPermanentError, SmtpTransientError, send_message
 from consumers.ssrf import TargetPolicy, UnsafeTargetError
@@ -75,7 +77,6 @@ _CONNECT_GRACE_S = 5.0
 _CHUNK_POLL_S = 2
 # Past the soft limit by this much without its signal having been seen, a run hands over on its own.
 _SOFT_LIMIT_GRACE_S = 1.0
-_CSV_COLUMNS = frozenset({"type", "source", "id", "subject", "time", "data"})
 _HEAVY_TASK: dict[str, Any] = {
     "bind": True,
     "acks_late": True,
@@ -168,106 +169,6 @@ def _close_process_resources(**_: Any) -> None:
     _resources = None
 
 
-# -- reading the input ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Record:
-    """One input line (one CSV record): its number, the input offset after it, and its event or error."""
-
-    line: int
-    end: int
-    fields: dict[str, Any] | None
-    error: str | None = None
-
-
-def _ndjson_records(handle: BinaryIO, offset: int, line: int, max_line: int) -> Iterator[_Record]:
-    handle.seek(offset)
-    while raw := handle.readline(max_line + 1):
-        offset += len(raw)
-        line += 1
-        if len(raw) > max_line and not raw.endswith(b"\n"):
-            # Skip the rest of the overlong line without holding it.
-            while (rest := handle.readline(max_line)) and not rest.endswith(b"\n"):
-                offset += len(rest)
-            offset += len(rest)
-            yield _Record(line, offset, None, f"the line is longer than {max_line} bytes")
-            continue
-        if not raw.strip():
-            yield _Record(line, offset, None)
-            continue
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            yield _Record(line, offset, None, f"not valid JSON: {exc}")
-            continue
-        if not isinstance(obj, dict):
-            yield _Record(line, offset, None, f"an event must be a JSON object, not {type(obj).__name__}")
-            continue
-        yield _Record(line, offset, obj)
-
-
-class _LineCounter:
-    """Feeds ``csv.reader`` decoded lines while counting the lines and bytes it took."""
-
-    def __init__(self, handle: BinaryIO, offset: int, line: int, max_line: int) -> None:
-        self.handle, self.offset, self.line, self.max_line = handle, offset, line, max_line
-        self.undecodable = False
-
-    def __iter__(self) -> Iterator[str]:
-        while raw := self.handle.readline(self.max_line + 1):
-            self.offset += len(raw)
-            self.line += 1
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError:
-                self.undecodable = True
-                yield raw.decode("utf-8", errors="replace")
-
-
-def _csv_header(handle: BinaryIO, max_line: int) -> tuple[list[str], int]:
-    handle.seek(0)
-    counter = _LineCounter(handle, 0, 0, max_line)
-    header = next(csv.reader(counter), None)
-    if header is None:
-        raise _JobFailed("the CSV file is empty; its first line must name the columns")
-    header = [name.strip() for name in header]
-    unknown = sorted(set(header) - _CSV_COLUMNS)
-    if unknown or "type" not in header or len(set(header)) != len(header):
-        raise _JobFailed(f"the CSV header must name distinct columns among {', '.join(sorted(_CSV_COLUMNS))}, "
-                         f"type among them (unknown: {', '.join(unknown) or 'none'})")
-    return header, counter.offset
-
-
-def _csv_records(handle: BinaryIO, offset: int, line: int, max_line: int) -> Iterator[_Record]:
-    header, header_end = _csv_header(handle, max_line)
-    if offset < header_end:
-        offset, line = header_end, 1
-    handle.seek(offset)
-    counter = _LineCounter(handle, offset, line, max_line)
-    previous = line
-    for row in csv.reader(counter):
-        # A quoted field may span lines: the record is numbered by its first.
-        first_line, previous = previous + 1, counter.line
-        undecodable, counter.undecodable = counter.undecodable, False
-        if undecodable:
-            yield _Record(first_line, counter.offset, None, "the record is not valid UTF-8")
-        elif not row:
-            yield _Record(first_line, counter.offset, None)
-        elif len(row) != len(header):
-            yield _Record(first_line, counter.offset, None,
-                          f"the record has {len(row)} fields, the header {len(header)}")
-        else:
-            fields: dict[str, Any] = {name: value for name, value in zip(header, row, strict=True) if value != ""}
-            try:
-                if "data" in fields:
-                    fields["data"] = orjson.loads(fields["data"])
-            except orjson.JSONDecodeError as exc:
-                yield _Record(first_line, counter.offset, None, f"the data column is not valid JSON: {exc}")
-                continue
-            yield _Record(first_line, counter.offset, fields)
-
-
 # -- publishing ----------------------------------------------------------------------------------
 
 
@@ -285,7 +186,7 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
     Event ids name the import (a chunk's parent) and the line number in the whole file.
     """
     start = job.checkpoint
-    read = _ndjson_records if job.format is FileFormat.NDJSON else _csv_records
+    read = ndjson_records if job.format is FileFormat.NDJSON else csv_records
     source = job.params.get("source")
     import_id = job.params.get("parent", job.id)
     stop = job.params.get("end", float("inf"))
@@ -293,7 +194,7 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
     errors: list[tuple[int, str]] = []
     published, refused = start.published, start.errors_count
     batch_start = start.bytes_done
-    record: _Record | None = None
+    record: Record | None = None
     for record in read(handle, start.bytes_done, start.lines_done, settings.max_body_bytes):
         if record.fields is not None:
             try:
@@ -467,31 +368,6 @@ def _splits(job: JobSnapshot, settings: Settings) -> bool:
             and (job.bytes_total or 0) > settings.import_chunk_bytes)
 
 
-def _chunk_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
-    """``(start, end, lines before start)`` of ranges of about ``chunk_bytes``, each ending on a line end.
-
-    One pass counting newlines, a block at a time: a gigabyte takes about a second, in flat memory.
-    """
-    ranges: list[tuple[int, int, int]] = []
-    start = start_lines = offset = lines = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(_BATCH_MAX_BYTES):
-            position = 0
-            # The first newline at or after the range's size, in this block, ends the range.
-            while (search := max(start + chunk_bytes - 1 - offset, position)) < len(block):
-                newline = block.find(b"\n", search)
-                if newline < 0:
-                    break
-                lines += block.count(b"\n", position, newline + 1)
-                ranges.append((start, offset + newline + 1, start_lines))
-                start, start_lines, position = offset + newline + 1, lines, newline + 1
-            lines += block.count(b"\n", position)
-            offset += len(block)
-    if offset > start:
-        ranges.append((start, offset, start_lines))
-    return ranges
-
-
 def _split(run: _Run, files: JobFiles) -> dict[str, Any]:
     """Import the file as chunk jobs run in parallel (a group), finished by a chord's callback."""
     settings, sessions = run.resources.settings, run.resources.sessions
@@ -502,7 +378,7 @@ def _split(run: _Run, files: JobFiles) -> dict[str, Any]:
             return {"job_id": run.job.id, "chunks": len(run.job.params["chunks"])}
     else:
         chunks = [Chunk(new_id(), new_id(), start, end, lines)
-                  for start, end, lines in _chunk_ranges(files.input, settings.import_chunk_bytes)]
+                  for start, end, lines in chunk_ranges(files.input, settings.import_chunk_bytes)]
         for chunk in chunks:
             JobFiles(settings.files_dir, chunk.job_id).directory.mkdir(parents=True, exist_ok=True)
         if not jobs.split(sessions, run.job.id, run.task_id, chunks):
@@ -614,7 +490,7 @@ def _run_job(task: Task, job_id: str, kind: JobKind) -> dict[str, Any]:
         if kind is JobKind.REPORT:
             return _report(task, job, resources)
         return _import(_Run(task, job, resources, job.checkpoint))
-    except _JobFailed as exc:
+    except (_JobFailed, InputError) as exc:
         jobs.finish(resources.sessions, job_id, task_id, JobStatus.FAILED, error=str(exc))
         logger.warning("heavy job failed", error=str(exc))
         return {"job_id": job_id, "status": JobStatus.FAILED.value, "error": str(exc)}
