@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from kombu import Connection
 
 from consumers.celery_app import make_celery
 from consumers.store.database import migrate
@@ -101,6 +102,32 @@ async def test_celery_inspect_and_tasks_endpoint_show_a_running_import(stack_set
         done = await wait_for_job(gw, job["id"], timeout_s=300)
         final = (await gw.client.get(task_url, headers=headers)).json()
         assert final["state"] == "SUCCESS" and final["result"]["published"] == done["counts"]["published"]
+
+
+async def test_with_both_pool_processes_busy_a_third_job_waits_in_the_broker(stack_settings: Settings,
+                                                                             worker: Hookgate) -> None:
+    """Prefetch 1: while two imports run, one per pool process, the third is reserved by no one and
+    waits, ready, in the heavy queue (at prefetch 4 the worker would hold it)."""
+    async with gateway(stack_settings) as gw:
+        jobs = [await upload(gw, b"".join(ndjson_lines(10_000, event_type=f"prefetch.{n}")), "ndjson")
+                for n in range(3)]
+        headers = gw.auth(Scope.EVENTS_READ)
+
+        async def statuses() -> list[str]:
+            return [(await gw.client.get(f"/v1/jobs/{job['id']}", headers=headers)).json()["status"] for job in jobs]
+
+        for _ in range(400):
+            if (seen := await statuses()).count("running") == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert seen.count("running") == 2 and seen.count("queued") == 1, seen
+        with Connection(stack_settings.broker_url) as connection, connection.channel() as channel:
+            ready = channel.queue_declare("heavy", passive=True).message_count
+        reserved = _inspect(stack_settings, "reserved")
+        assert ready == 1
+        assert all(not tasks for tasks in reserved.values()), reserved
+        finished = [await wait_for_job(gw, job["id"], timeout_s=120) for job in jobs]
+    assert [job["status"] for job in finished] == ["succeeded"] * 3
 
 
 async def test_a_task_that_fails_reads_failure_with_its_error(stack_settings: Settings, worker: Hookgate) -> None:

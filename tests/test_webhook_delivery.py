@@ -146,7 +146,9 @@ def wait_until(sessions: sessionmaker[Session], delivery_id: str, done: Callable
     while True:
         delivery, attempts = load(sessions, delivery_id)
         if done(delivery, attempts):
-            return delivery, attempts
+            # Read again: a status seen here may have committed after its attempts were read, and
+            # this second read of the attempts comes after that commit.
+            return load(sessions, delivery_id)
         if time.monotonic() > deadline:
             raise AssertionError(f"delivery {delivery_id} stuck at {delivery.status}, {len(attempts)} attempt(s): "
                                  f"{[(a.number, a.status_code, a.error) for a in attempts]}")
