@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import orjson
 
 from consumers.publisher import OutgoingMessage
-from schemas.events import CloudEvent, EnvelopeError, event_from_json
+from schemas.events import MAX_BATCH_EVENTS, CloudEvent, EnvelopeError, event_from_json
 from schemas.topology import EVENTS_EXCHANGE
 
 __all__ = ["BATCH_MEDIA_TYPE", "EVENTS_PER_MESSAGE", "batch_messages", "decode_batch"]
@@ -70,6 +70,8 @@ def decode_batch(body: bytes, *, message_id: str | None, default_source: str) ->
         raise EnvelopeError(f"the batch is not JSON: {exc}") from exc
     if not isinstance(items, list) or not items:
         raise EnvelopeError("a batch must be a non-empty JSON array of events")
+    if len(items) > MAX_BATCH_EVENTS:
+        raise EnvelopeError(f"a batch holds at most {MAX_BATCH_EVENTS} events, not {len(items)}")
     events: list[CloudEvent] = []
     for index, item in enumerate(items):
         try:

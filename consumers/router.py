@@ -173,7 +173,9 @@ class Router:
 
     async def _process(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         received: list[tuple[AbstractIncomingMessage, CloudEvent]] = []
+        accepted: dict[tuple[str, str], datetime] = {}
         dead: list[OutgoingMessage] = []
+        now = utcnow()
         for message in batch:
             try:
                 decoded = decode_events(message.body, dict(message.headers or {}), message.content_type,
@@ -184,6 +186,10 @@ class Router:
                     log.warning("event_dead_lettered", reason=exc.detail)
                 continue
             received.extend((message, event) for event in decoded)
+            # Read once a message: a batch message's events share its stamp.
+            if (stamp := _accepted_at(message, now)) is not None:
+                for event in decoded:
+                    accepted.setdefault((event.source, event.id), stamp)
         events = [(event, event.to_json()) for _, event in received]
         if dead:
             await self._publisher.publish(dead)
@@ -192,7 +198,7 @@ class Router:
         if events:
             subscriptions = await self._active_subscriptions()
             pending, duplicates = await asyncio.to_thread(persist_events, self._sessions, events, subscriptions,
-                                                          received_at=_accepted_at(received))
+                                                          received_at=accepted)
             messages = delivery_task_messages(self._celery, pending, self._settings.webhook_batch_size)
             await self._queues.publish(self._publisher, messages)
         await _ack_through(batch[-1])
@@ -218,20 +224,15 @@ class Router:
         EVENTS_DEAD_LETTERED.inc()
 
 
-def _accepted_at(received: Sequence[tuple[AbstractIncomingMessage, CloudEvent]]) -> dict[tuple[str, str], datetime]:
-    """When the gateway accepted each event, by (source, id), from its stamp; events without a readable
-    stamp (another publisher's) are left out and stored as received now. A stamp ahead of this clock
-    (the gateway's runs fast) counts as now, so no latency comes out negative."""
-    now = utcnow()
-    accepted: dict[tuple[str, str], datetime] = {}
-    for message, event in received:
-        try:
-            at = datetime.fromisoformat(_text((message.headers or {})[topology.ACCEPTED_AT_HEADER]))
-        except (KeyError, ValueError):
-            continue
-        if at.tzinfo is not None:
-            accepted.setdefault((event.source, event.id), min(at, now))
-    return accepted
+def _accepted_at(message: AbstractIncomingMessage, now: datetime) -> datetime | None:
+    """When the gateway accepted the message's events, from its stamp; None without a readable one
+    (another publisher's: its events are stored as received now). A stamp ahead of this clock (the
+    gateway's runs fast) counts as now, so no latency comes out negative."""
+    try:
+        at = datetime.fromisoformat(_text((message.headers or {})[topology.ACCEPTED_AT_HEADER]))
+    except (KeyError, ValueError):
+        return None
+    return min(at, now) if at.tzinfo is not None else None
 
 
 def _log_routed(received: Sequence[tuple[AbstractIncomingMessage, CloudEvent]],

@@ -20,17 +20,23 @@ from consumers.store.database import utcnow
 from gateway.auth import Principal, authenticate
 from gateway.problems import Problem
 from schemas import topology
-from schemas.events import CloudEvent, EnvelopeError, event_from_binary, event_from_json, is_json_media_type
+from schemas.events import (
+    MAX_BATCH_EVENTS,
+    CloudEvent,
+    EnvelopeError,
+    event_from_binary,
+    event_from_json,
+    is_json_media_type,
+)
 from schemas.keys import Scope
 from schemas.settings import Settings
 
-__all__ = ["MAX_BATCH_EVENTS", "routes"]
+__all__ = ["routes"]
 
 log = structlog.get_logger(__name__)
 
 STRUCTURED = STRUCTURED_MEDIA_TYPE
 BATCH = "application/cloudevents-batch+json"
-MAX_BATCH_EVENTS = 1000
 _MAX_IDEMPOTENCY_KEY = 256
 _CE_HEADER = "ce-"
 _ACCEPTED = EVENTS_ACCEPTED.labels(outcome="accepted")

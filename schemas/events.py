@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.ids import new_id
 
-__all__ = ["CloudEvent", "EnvelopeError", "event_from_binary", "event_from_json"]
+__all__ = ["MAX_BATCH_EVENTS", "CloudEvent", "EnvelopeError", "event_from_binary", "event_from_json"]
+
+# Events in one batch, a POST /v1/events/batch or a batch message: what one store transaction takes at a time.
+MAX_BATCH_EVENTS = 1000
 
 # Event types are routing keys: dot-separated words, no topic wildcards, at most 255 bytes (AMQP).
 _TYPE_RE = re.compile(r"^[A-Za-z0-9_\-:/]+(\.[A-Za-z0-9_\-:/]+)*$")

@@ -13,7 +13,7 @@ from cloudevents.core.v1.event import CloudEvent as LibCloudEvent
 from kombu import Connection
 
 from consumers.topology import ingest_queue
-from gateway.ingest import MAX_BATCH_EVENTS
+from schemas.events import MAX_BATCH_EVENTS
 from schemas.keys import Scope
 from schemas.settings import Settings
 from tests.apiclient import Gateway, assert_problem, connected_gateway, running_gateway

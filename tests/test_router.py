@@ -21,7 +21,7 @@ from consumers.store.ingest import load_active_subscriptions, persist_events
 from consumers.store.models import Delivery, Event, Subscription
 from consumers.topology import dead_queue, declare_topology, task_queue
 from schemas import topology
-from schemas.events import event_from_json
+from schemas.events import MAX_BATCH_EVENTS, event_from_json
 from schemas.settings import Settings
 
 
@@ -253,6 +253,7 @@ async def test_a_batch_message_is_each_of_its_events_stored_once_and_routed(rout
         (b'[{"type": "x.y", "source": "s", "id": "ok"}, {"type": "has space", "source": "s"}]', "event 1 of the batch"),
         (b'[{"type": "x.y", "source": "s", "id": "ok"}, 5]', "event 1 of the batch: an event must be a JSON object"),
         (b'[{"type": "x.y", "source": "s", "data": "' + b"a" * 300_000 + b'"}]', "over the limit"),
+        (orjson.dumps([{"type": "x.y", "source": "s"}] * (MAX_BATCH_EVENTS + 1)), "at most 1000 events"),
     ],
 )
 async def test_a_malformed_batch_is_dead_lettered_whole_with_its_reason(router: RouterHarness, body: bytes,
