@@ -33,7 +33,7 @@ import orjson
 from bench.run import aio_pika_ceiling, rabbitmqctl
 from consumers.batches import EVENTS_PER_MESSAGE, batch_messages
 from consumers.celery_app import make_celery
-from consumers.publisher import STRUCTURED_MEDIA_TYPE, ConfirmingPublisher, OutgoingMessage
+from consumers.publisher import ConfirmingPublisher, event_message
 from consumers.store import jobs
 from consumers.store.database import make_engine, make_sessionmaker, migrate
 from consumers.store.jobs import JobFiles
@@ -42,7 +42,7 @@ from schemas.events import event_from_json
 from schemas.ids import new_id
 from schemas.jobs import FileFormat, JobKind
 from schemas.settings import Settings
-from schemas.topology import EVENTS_EXCHANGE, HEAVY_QUEUE
+from schemas.topology import HEAVY_QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ async def publisher_ceiling(settings: Settings, seconds: float, line_bytes: int,
     events = [event_from_json(orjson.loads(_line(i, line_bytes)), default_source="bench", default_id=str(i))
               for i in range(settings.import_batch_lines)]
     if per_message == 1:
-        batch = [OutgoingMessage(EVENTS_EXCHANGE, e.type, e.to_json(), e.id, STRUCTURED_MEDIA_TYPE) for e in events]
+        batch = [event_message(e) for e in events]
     else:
         batch = batch_messages(events, max_events=per_message, max_bytes=settings.max_body_bytes)
     sent = 0

@@ -28,9 +28,11 @@ from email.message import EmailMessage
 from typing import Any, BinaryIO
 
 import structlog
+from amqp.exceptions import AMQPError
 from celery import Task, chord
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
+from kombu.exceptions import KombuError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -190,6 +192,9 @@ def _batches(job: JobSnapshot, handle: BinaryIO, settings: Settings) -> Iterator
     source = job.params.get("source")
     import_id = job.params.get("parent", job.id)
     stop = job.params.get("end", float("inf"))
+    if start.bytes_done >= stop:
+        # A chunk checkpointed at its end (killed or handed over as it finished): the next line is another's.
+        return
     events: list[CloudEvent] = []
     errors: list[tuple[int, str]] = []
     published, refused = start.published, start.errors_count
@@ -387,7 +392,11 @@ def _split(run: _Run, files: JobFiles) -> dict[str, Any]:
     # The errback too: a chunk task that fails (not its job: that is counted) leaves the callback unrun.
     finish = finish_import.si(run.job.id)
     finish.link_error(finish_import.si(run.job.id))
-    chord([import_file.si(job_id).set(task_id=task_id) for job_id, task_id in pairs], finish).apply_async()
+    try:
+        chord([import_file.si(job_id).set(task_id=task_id) for job_id, task_id in pairs], finish).apply_async()
+    except (OSError, AMQPError, KombuError) as exc:
+        # The chunks are recorded: the retry finds them untouched and sends the chord again.
+        raise _Transient(f"the chunk tasks were not sent: {exc}") from exc
     logger.info("import split into chunks", job_id=run.job.id, chunks=len(pairs))
     return {"job_id": run.job.id, "chunks": len(pairs)}
 
