@@ -63,7 +63,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # Starlette's own max_body_size answers a too-long Content-Length in plain text; BodyLimit with a problem.
         # RequestId first, outermost: BodyLimit's 413s carry the id too.
         # Uploads have the file size limit and no body deadline: they are authenticated before they are read.
-        # The path's JSON form bounds its body to max_body_bytes itself (gateway.routes.files).
         middleware=[Middleware(RequestId), Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                                                        timeout_s=settings.http_body_timeout_s,
                                                        paths={files.FILES_PATH: (settings.max_file_bytes, None)})],

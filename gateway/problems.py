@@ -128,14 +128,16 @@ class BodyLimit:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
-        # Paths with limits of their own (file uploads): (max_bytes, timeout_s).
+        # Paths with limits of their own for requests with a query string (file uploads: POST
+        # /v1/files?kind=...): (max_bytes, timeout_s). The path's JSON form keeps the ordinary limits.
         self.paths = dict(paths or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes, timeout_s = self.paths.get(scope["path"], (self.max_bytes, self.timeout_s))
+        ordinary = (self.max_bytes, self.timeout_s)
+        max_bytes, timeout_s = self.paths.get(scope["path"], ordinary) if scope.get("query_string") else ordinary
         declared = _content_length(scope)
         if declared is not None and declared > max_bytes:
             await problem_response(413, _too_large_detail(max_bytes))(scope, receive, send)

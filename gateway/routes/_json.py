@@ -35,37 +35,17 @@ def validated(model: type[M], obj: Any) -> M:
         raise Problem(422, f"the request is invalid: {detail}", errors=errors) from exc
 
 
-async def read_model(request: Request, model: type[M], *, max_bytes: int | None = None) -> M:
-    """The request's JSON body as ``model``: 415 unless JSON, 400 if malformed, 422 if invalid.
-
-    ``max_bytes`` bounds a body on a path whose middleware limit is larger (``POST /v1/files`` also
-    takes uploads): past it, 413 before the rest is read.
-    """
+async def read_model(request: Request, model: type[M]) -> M:
+    """The request's JSON body as ``model``: 415 unless JSON, 400 if malformed, 422 if invalid."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         shown = media_type or "none"
         raise Problem(415, f"send the body as application/json (got {shown})")
-    body = await request.body() if max_bytes is None else await _bounded_body(request, max_bytes)
     try:
-        obj = orjson.loads(body)
+        obj = orjson.loads(await request.body())
     except orjson.JSONDecodeError as exc:
         raise Problem(400, f"the body is not valid JSON: {exc}") from exc
     return validated(model, obj)
-
-
-async def _bounded_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    too_large = declared.isdigit() and int(declared) > max_bytes
-    received = bytearray()
-    if not too_large:
-        # Counted as it arrives: a chunked body declares no length.
-        async for chunk in request.stream():
-            received += chunk
-            if too_large := len(received) > max_bytes:
-                break
-    if too_large:
-        raise Problem(413, f"the request body is larger than the limit of {max_bytes} bytes")
-    return bytes(received)
 
 
 def model_response(model: BaseModel, status: int = 200, *, exclude: IncEx | None = None) -> Response:

@@ -113,8 +113,7 @@ async def post_file(request: Request) -> Response:
         except BaseException:
             shutil.rmtree(files.directory, ignore_errors=True)
             raise
-    # The middleware lets this path take a file's size; a JSON request gets the ordinary limit.
-    body = (await read_model(request, JobRequest, max_bytes=settings.max_body_bytes)).root
+    body = (await read_model(request, JobRequest)).root
     if isinstance(body, ReportRequest):
         params = body.model_dump(mode="json", exclude={"kind"})
         # Emailed once written: chain(build_report, email_report), both on the heavy queue.

@@ -38,9 +38,9 @@ class Live:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def head(self, extra: str = "", length: int | None = None) -> bytes:
+    def head(self, extra: str = "", length: int | None = None, path: str = "/v1/events") -> bytes:
         framing = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
-        return (f"POST /v1/events HTTP/1.1\r\nHost: hookgate\r\nAuthorization: Bearer {self.key}\r\n"
+        return (f"POST {path} HTTP/1.1\r\nHost: hookgate\r\nAuthorization: Bearer {self.key}\r\n"
                 f"Content-Type: application/json\r\n{framing}{extra}\r\n").encode()
 
 
@@ -178,6 +178,19 @@ def test_a_slow_body_is_answered_408_and_cut_off(live: Live, framing: str) -> No
     with live.connect() as sock:
         sock.sendall(live.head(length=len(event) if framing == "content-length" else None))
         taken = _send_slowly(sock, payload, interval_s=0.2, until_s=10)
+        status, headers, body, closed = _read_response(sock)
+    assert "did not arrive" in str(_assert_problem(status, headers, body, 408)["detail"])
+    assert closed
+    assert _BODY_TIMEOUT_S <= taken < _BODY_TIMEOUT_S + 2
+
+
+def test_the_json_form_of_a_file_request_has_the_body_deadline(live: Live) -> None:
+    """POST /v1/files without a query string (a JSON job request) is held to the ordinary body deadline: an
+    upload's path has none, but only uploads (with ?kind=...) get the upload's limits."""
+    request = orjson.dumps({"kind": "import", "format": "ndjson", "url": "https://example.com/" + "x" * 200})
+    with live.connect() as sock:
+        sock.sendall(live.head(length=len(request), path="/v1/files"))
+        taken = _send_slowly(sock, request, interval_s=0.2, until_s=10)
         status, headers, body, closed = _read_response(sock)
     assert "did not arrive" in str(_assert_problem(status, headers, body, 408)["detail"])
     assert closed
