@@ -271,7 +271,7 @@ def chunks_untouched(sessions: sessionmaker[Session], job_id: str) -> list[tuple
     with translate_errors("reading a job's chunks"), sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        chunks = session.scalars(select(Job).where(Job.id.in_(job.params["chunks"]))).all()
+        chunks = _chunks(session, job)
         if any(chunk.status != JobStatus.QUEUED.value or chunk.lost_runs or chunk.continuations for chunk in chunks):
             return None
         return [(chunk.id, chunk.task_id) for chunk in chunks]
