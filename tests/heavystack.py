@@ -35,7 +35,8 @@ from schemas.settings import Settings
 from tests.apiclient import Gateway, running_gateway
 from tests.workers import Hookgate
 
-__all__ = ["EventCounter", "gateway", "heavy_worker", "ndjson_lines", "pool_children", "upload", "wait_for_job"]
+__all__ = ["EventCounter", "advanced_past", "gateway", "heavy_worker", "ndjson_lines", "pool_children", "upload",
+           "wait_for_job"]
 
 
 def ndjson_lines(count: int, *, padding: int = 0, event_type: str = "import.row") -> Iterator[bytes]:
@@ -154,3 +155,11 @@ class EventCounter:
         with self._lock:
             return Counter(self.counts)
 
+
+async def advanced_past(gw: Gateway, job_id: str, lines: int) -> dict[str, Any]:
+    """The running job once its confirmed lines pass ``lines``: a run is under way and has published."""
+    while True:
+        running = await wait_for_job(gw, job_id, statuses=("running",))
+        if running["progress"]["lines_done"] > lines:
+            return running
+        await asyncio.sleep(0.05)

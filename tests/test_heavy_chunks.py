@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import os
@@ -16,7 +15,16 @@ from schemas.jobs import import_event_id
 from schemas.keys import Scope
 from schemas.settings import Settings
 from tests.apiclient import Gateway, count_rows
-from tests.heavystack import EventCounter, gateway, heavy_worker, ndjson_lines, pool_children, upload, wait_for_job
+from tests.heavystack import (
+    EventCounter,
+    advanced_past,
+    gateway,
+    heavy_worker,
+    ndjson_lines,
+    pool_children,
+    upload,
+    wait_for_job,
+)
 from tests.workers import Hookgate
 
 LINES = 6000
@@ -99,10 +107,7 @@ async def test_a_chunk_whose_pool_process_is_killed_resumes_and_the_job_finishes
     settings = _settings(broker_url, store_url, tmp_path, import_batch_lines=5, import_chunk_bytes=len(content) // 3)
     async with _stack(settings, tmp_path) as (gw, counter, worker):
         job = await upload(gw, content, "ndjson")
-        running = await wait_for_job(gw, job["id"], statuses=("running",))
-        while running["progress"]["lines_done"] < 2000:
-            await asyncio.sleep(0.05)
-            running = await wait_for_job(gw, job["id"], statuses=("running",))
+        running = await advanced_past(gw, job["id"], 1999)
         os.kill(pool_children(worker.pid)[0], signal.SIGKILL)
         done = await wait_for_job(gw, job["id"], timeout_s=90)
         assert done["status"] == "succeeded", done

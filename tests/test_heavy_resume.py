@@ -6,13 +6,20 @@ import asyncio
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 from schemas.jobs import import_event_id
 from schemas.keys import Scope
 from schemas.settings import Settings
-from tests.apiclient import Gateway
-from tests.heavystack import EventCounter, gateway, heavy_worker, ndjson_lines, pool_children, upload, wait_for_job
+from tests.heavystack import (
+    EventCounter,
+    advanced_past,
+    gateway,
+    heavy_worker,
+    ndjson_lines,
+    pool_children,
+    upload,
+    wait_for_job,
+)
 
 LINES = 20_000
 # Published two lines per confirm, these take several 2 s runs.
@@ -113,15 +120,6 @@ async def test_an_import_whose_pool_process_is_killed_is_retried_and_resumes(
     assert "WorkerLostError" in worker.log_text()
 
 
-async def _advanced_past(gw: Gateway, job_id: str, lines: int) -> dict[str, Any]:
-    """The running job once its confirmed lines pass ``lines``: a run is under way and has published."""
-    while True:
-        running = await wait_for_job(gw, job_id, statuses=("running",))
-        if running["progress"]["lines_done"] > lines:
-            return running
-        await asyncio.sleep(0.05)
-
-
 async def test_an_import_whose_runs_are_lost_too_often_fails_saying_so(
         broker_url: str, store_url: str, tmp_path: Path) -> None:
     """With HOOKGATE_HEAVY_MAX_WORKER_LOST_RETRIES=1, a second lost run fails the job with a clear error."""
@@ -132,7 +130,7 @@ async def test_an_import_whose_runs_are_lost_too_often_fails_saying_so(
             job = await upload(gw, b"".join(ndjson_lines(LINES)), "ndjson")
             seen = 0
             for _ in range(2):
-                running = await _advanced_past(gw, job["id"], seen + 500)
+                running = await advanced_past(gw, job["id"], seen + 500)
                 (child,) = pool_children(worker.pid)
                 os.kill(child, signal.SIGKILL)
                 seen = running["progress"]["lines_done"]
