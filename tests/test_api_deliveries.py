@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -71,7 +72,11 @@ def queued_task_args(broker_url: str) -> list[list[str]]:
 async def test_list_filters_and_pages_newest_first(gateway: Gateway) -> None:
     """status, subscription_id, event_type and since filter; pages follow next_before to the end."""
     first, second = subscription(gateway), subscription(gateway)
-    created = [insert_delivery(gateway.sessions, event(gateway), first, DeliveryStatus.DEAD) for _ in range(5)]
+    created = []
+    for _ in range(5):
+        created.append(insert_delivery(gateway.sessions, event(gateway), first, DeliveryStatus.DEAD))
+        # Ids order by their millisecond; within one, by chance: one millisecond apart, newest first is exact.
+        await asyncio.sleep(0.002)
     other_type = insert_delivery(gateway.sessions, event(gateway, "order.paid"), first, DeliveryStatus.SUCCEEDED)
     other_sub = insert_delivery(gateway.sessions, event(gateway), second, DeliveryStatus.DEAD)
     headers = gateway.auth(Scope.EVENTS_READ)

@@ -100,7 +100,11 @@ async def test_celery_inspect_and_tasks_endpoint_show_a_running_import(stack_set
         assert all(not tasks for tasks in _inspect(stack_settings, "reserved").values())
         assert all(not tasks for tasks in _inspect(stack_settings, "scheduled").values())
         done = await wait_for_job(gw, job["id"], timeout_s=300)
-        final = (await gw.client.get(task_url, headers=headers)).json()
+        # The job is finished in the store before Celery writes the task's SUCCESS.
+        for _ in range(100):
+            if (final := (await gw.client.get(task_url, headers=headers)).json())["state"] != "PROGRESS":
+                break
+            await asyncio.sleep(0.05)
         assert final["state"] == "SUCCESS" and final["result"]["published"] == done["counts"]["published"]
 
 
