@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.store import endpoints
@@ -313,12 +313,16 @@ _DISABLE = (
     .where(_subscriptions.c.id == bindparam("p_id"), _subscriptions.c.enabled.is_(True))
     .values(enabled=False, disabled_reason=bindparam("p_reason"), updated_at=bindparam("p_now"))
 )
+# Settles every delivery of a batch that ends the same way (all successes, typically) in one statement:
+# each (id, attempt) pair matches only while that attempt is still the delivery's, and RETURNING names
+# the ones it settled.
 _SETTLE = (
     update(_deliveries)
-    .where(_deliveries.c.id == bindparam("p_id"), _deliveries.c.status.in_(_OPEN),
-           _deliveries.c.attempts_count == bindparam("p_attempt"))
+    .where(tuple_(_deliveries.c.id, _deliveries.c.attempts_count).in_(bindparam("p_attempts", expanding=True)),
+           _deliveries.c.status.in_(_OPEN))
     .values(status=bindparam("p_status"), lease_until=None, next_attempt_at=bindparam("p_next_attempt_at"),
             last_error=bindparam("p_error"), rate_slot_at=None, updated_at=bindparam("p_now"))
+    .returning(_deliveries.c.id, _deliveries.c.attempts_count)
 )
 
 
@@ -373,20 +377,30 @@ def record_attempts(sessions: sessionmaker[Session], outcomes: Sequence[Outcome]
             if connection.execute(_DISABLE, {"p_id": o.job.subscription_id, "p_now": now,
                                              "p_reason": reason}).rowcount == 1:
                 gone.append(Transition(o.job.subscription_id, TransitionKind.DISABLED, reason))
-        current = [
-            connection.execute(_SETTLE, {
-                "p_id": o.job.delivery_id, "p_attempt": o.job.attempt, "p_status": o.status.value,
-                "p_next_attempt_at": o.next_attempt_at, "p_now": now,
-                "p_error": None if o.status is DeliveryStatus.SUCCEEDED else o.record.error,
-            }).rowcount == 1
-            for o in outcomes
-        ]
+        settled: set[tuple[str, int]] = set()
+        for (status, next_attempt_at, error), attempts_of in _by_ending(outcomes).items():
+            rows = connection.execute(_SETTLE, {
+                "p_attempts": attempts_of, "p_status": status.value, "p_next_attempt_at": next_attempt_at,
+                "p_error": error, "p_now": now,
+            })
+            settled.update((row.id, row.attempts_count) for row in rows)
+        current = [(o.job.delivery_id, o.job.attempt) in settled for o in outcomes]
         settlement = endpoints.settle(connection, [
             endpoints.Result(o.job.delivery_id, o.job.subscription_id, o.status is DeliveryStatus.SUCCEEDED)
             for o, kept in zip(outcomes, current, strict=True) if kept
         ], policy, now) if policy is not None else Settlement()
     settlement.transitions[:0] = gone
     return Recorded(current, settlement)
+
+
+def _by_ending(outcomes: Sequence[Outcome]) -> dict[tuple[DeliveryStatus, datetime | None, str | None],
+                                                   list[tuple[str, int]]]:
+    """The outcomes' (delivery id, attempt) pairs by the status, next attempt time and error they leave."""
+    groups: dict[tuple[DeliveryStatus, datetime | None, str | None], list[tuple[str, int]]] = {}
+    for o in outcomes:
+        error = None if o.status is DeliveryStatus.SUCCEEDED else o.record.error
+        groups.setdefault((o.status, o.next_attempt_at, error), []).append((o.job.delivery_id, o.job.attempt))
+    return groups
 
 
 def hold_disabled(sessions: sessionmaker[Session], delivery_ids: Sequence[str]) -> None:
