@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     # Webhook delivery.
     webhook_timeout_s: float = 10.0
     # Deliveries the router puts in one task, and parallel sends per worker process.
-    webhook_batch_size: int = 32
+    webhook_batch_size: int = 64
     webhook_concurrency: int = 64
     # Delays before each attempt in seconds, comma-separated in the environment (HOOKGATE_RETRY_SCHEDULE).
     retry_schedule: Annotated[tuple[float, ...], NoDecode] = DEFAULT_RETRY_SCHEDULE
