@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from consumers.store.jobs import JobFiles
 from consumers.store.models import Job
-from schemas.jobs import import_event_id
+from schemas.jobs import FINISHED_STATUSES, JobStatus, import_event_id
 from schemas.keys import Scope
 from schemas.settings import Settings
 from tests.apiclient import Gateway, count_rows
@@ -117,3 +123,53 @@ async def test_a_chunk_whose_pool_process_is_killed_resumes_and_the_job_finishes
         # Only what a chunk published after its last checkpoint went out again.
         assert sum(counts.values()) - lines < running["progress"]["lines_done"]
     assert "WorkerLostError" in worker.log_text()
+
+
+def _chunks(sessions: sessionmaker[Session], job_id: str) -> list[Job]:
+    """A split job's chunk rows, in file order (none before the split)."""
+    with sessions() as session:
+        parent = session.get(Job, job_id)
+        ids: list[str] = parent.params.get("chunks", []) if parent is not None else []
+        rows = {chunk.id: chunk for chunk in session.scalars(select(Job).where(Job.id.in_(ids)))}
+        return [rows[chunk_id] for chunk_id in ids if chunk_id in rows]
+
+
+async def _two_chunks_publishing(sessions: sessionmaker[Session], job_id: str, timeout_s: float = 30.0) -> list[Job]:
+    """The chunk rows once two chunks have published a batch (so have their input open) and one is queued."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        chunks = _chunks(sessions, job_id)
+        publishing = [chunk for chunk in chunks if chunk.lines_done > chunk.params["lines_before"]]
+        if len(publishing) == 2 and len(chunks) == 3:
+            return chunks
+        assert time.monotonic() < deadline, f"no two chunks publishing after {timeout_s} s: {chunks}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_chunk_task_that_fails_for_good_fails_the_job_through_the_chords_errback(
+        broker_url: str, store_url: str, tmp_path: Path) -> None:
+    """The input is gone when the third chunk starts (heavy workers not sharing the files directory, or a
+    cleanup): that chunk's task fails, so the chord's callback never runs. Its errback finishes the job: failed,
+    naming the chunk and the error, with the other chunks' lines published once and no job left unfinished."""
+    lines = 24_000
+    content = b"".join(ndjson_lines(lines))
+    # Three chunks of 8,000 lines, two at a time, five lines per confirm: the third starts seconds after the others.
+    settings = _settings(broker_url, store_url, tmp_path, import_batch_lines=5, import_chunk_bytes=len(content) // 3)
+    async with _stack(settings, tmp_path) as (gw, counter, worker):
+        job = await upload(gw, content, "ndjson")
+        chunks = await _two_chunks_publishing(gw.sessions, job["id"])
+        JobFiles(settings.files_dir, job["id"]).input.unlink()
+        number = next(n for n, chunk in enumerate(chunks, 1) if chunk.status == JobStatus.QUEUED.value)
+        done = await wait_for_job(gw, job["id"], timeout_s=60)
+        assert done["status"] == "failed", done
+        assert done["error"].startswith(f"chunk {number} of 3: ") and "FileNotFoundError" in done["error"], done
+        bounds = [chunk.params["lines_before"] for chunk in chunks] + [lines]
+        lost = range(bounds[number - 1] + 1, bounds[number] + 1)
+        expected = {import_event_id(job["id"], n) for n in range(1, lines + 1) if n not in lost}
+        assert done["counts"] == {"published": len(expected), "errors": 0}
+        counts = counter.wait_for_ids(expected)
+        assert set(counts) == expected and set(counts.values()) == {1}
+        with gw.sessions() as session:
+            unfinished = session.scalars(select(Job.id).where(Job.status.not_in([s.value for s in FINISHED_STATUSES])))
+            assert unfinished.all() == []
+    assert "split import finished" in worker.log_text()

@@ -511,6 +511,12 @@ def _run_job(task: Task, job_id: str, kind: JobKind) -> dict[str, Any]:
             jobs.finish(resources.sessions, job_id, task_id, JobStatus.FAILED, error=f"gave up: {exc}")
             raise
         raise task.retry(countdown=_TRANSIENT_RETRY_S) from exc
+    except Exception as exc:
+        # The task fails for good (no retry, no redelivery): fail its job too, or the row stays running with
+        # nobody to finish it, and a split import's errback (finish_import) waits for that chunk forever.
+        error = f"unexpected error ({type(exc).__name__}); the heavy worker's log has the details"
+        jobs.finish(resources.sessions, job_id, task_id, JobStatus.FAILED, error=error)
+        raise
 
 
 @celery_app.task(name="tasks.import_file", **_HEAVY_TASK)
