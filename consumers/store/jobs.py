@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -280,34 +282,63 @@ def chunks_untouched(sessions: sessionmaker[Session], job_id: str) -> list[tuple
 def finish_chunked(sessions: sessionmaker[Session], files_root: Path, job_id: str) -> JobStatus | None:
     """Finish a split import once every chunk has: counts summed, error reports joined in line order.
 
-    None while a chunk still runs. The job fails, with the first chunk's error, when any chunk failed;
-    a job that is gone (deleted) reads as failed, there being nothing left to finish.
+    None while a chunk still runs. The job fails, with the first chunk's error, when any chunk failed,
+    or when the error reports cannot be joined (the disk is full, say); a job that is gone (deleted)
+    reads as failed, there being nothing left to finish.
     """
+    with translate_errors("reading a split job"), sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status in _FINISHED:
+            return JobStatus.FAILED if job is None else JobStatus(job.status)
+        chunk_ids: list[str] = job.params["chunks"]
+        if any(chunk.status not in _FINISHED for chunk in _chunks(session, job)):
+            return None
+    # Outside any transaction: an error report may be large, and on SQLite a write transaction holds
+    # the whole store's write lock. Finished chunks no longer change, so what is joined stays true.
+    try:
+        error_bytes, join_error = _join_error_reports(files_root, job_id, chunk_ids), None
+    except OSError as exc:
+        error_bytes, join_error = 0, f"the chunks' error reports could not be joined: {exc}"
     with translate_errors("finishing a split job"), sessions.begin() as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
         if job is None or job.status in _FINISHED:
             return JobStatus.FAILED if job is None else JobStatus(job.status)
         chunks = _chunks(session, job)
-        if any(chunk.status not in _FINISHED for chunk in chunks):
-            return None
-        errors = JobFiles(files_root, job_id).errors
-        with open(errors.with_suffix(".part"), "wb") as sink:
+        failed = [f"chunk {number} of {len(chunks)}: {chunk.error}"
+                  for number, chunk in enumerate(chunks, 1) if chunk.status == JobStatus.FAILED.value]
+        error = failed[0] if failed else join_error
+        now = utcnow()
+        job.status = (JobStatus.FAILED if error else JobStatus.SUCCEEDED).value
+        job.error = error
+        job.running, job.finished_at, job.updated_at = False, now, now
+        job.bytes_done, job.lines_done, job.published, job.errors_count = _chunk_totals(chunks)
+        job.error_bytes = error_bytes
+        return JobStatus(job.status)
+
+
+def _join_error_reports(files_root: Path, job_id: str, chunk_ids: list[str]) -> int:
+    """Write the chunks' error reports as the job's, in line order; its size in bytes.
+
+    Through a file of this process's own, renamed into place: two callbacks finishing the same job
+    at once each write the same report, and neither reads the other's half-written one.
+    """
+    errors = JobFiles(files_root, job_id).errors
+    partial = errors.with_name(f"{errors.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        with open(partial, "wb") as sink:
             sink.write(ERRORS_HEADER)
-            for chunk in chunks:
-                part = JobFiles(files_root, chunk.id).errors
+            for chunk_id in chunk_ids:
+                part = JobFiles(files_root, chunk_id).errors
                 if part.exists():
                     with open(part, "rb") as source:
                         source.seek(len(ERRORS_HEADER))
                         shutil.copyfileobj(source, sink)
-        errors.with_suffix(".part").replace(errors)
-        failed = [(number, chunk) for number, chunk in enumerate(chunks, 1) if chunk.status == JobStatus.FAILED.value]
-        now = utcnow()
-        job.status = (JobStatus.FAILED if failed else JobStatus.SUCCEEDED).value
-        job.error = f"chunk {failed[0][0]} of {len(chunks)}: {failed[0][1].error}" if failed else None
-        job.running, job.finished_at, job.updated_at = False, now, now
-        job.bytes_done, job.lines_done, job.published, job.errors_count = _chunk_totals(chunks)
-        job.error_bytes = errors.stat().st_size
-        return JobStatus(job.status)
+            size = sink.tell()
+        partial.replace(errors)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+    return size
 
 
 def _chunks(session: Session, job: Job) -> list[Job]:
