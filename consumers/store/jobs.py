@@ -286,7 +286,9 @@ def finish_chunked(sessions: sessionmaker[Session], files_root: Path, job_id: st
     or when the error reports cannot be joined (the disk is full, say); a job that is gone (deleted)
     reads as failed, there being nothing left to finish.
     """
-    with translate_errors("reading a split job"), sessions.begin() as session:
+    with translate_errors("reading a split job"), sessions() as session:
+        # A read: on SQLite it must not queue for the write lock behind busy workers.
+        session.connection(execution_options={"readonly": True})
         job = session.get(Job, job_id)
         if job is None or job.status in _FINISHED:
             return JobStatus.FAILED if job is None else JobStatus(job.status)
